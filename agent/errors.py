@@ -1,0 +1,98 @@
+"""One exception tree for the whole project.
+
+Every refusal that reaches an operator carries a stable ``code`` (an :class:`ErrorCode`), a message
+that says what is wrong, and a hint that says what to do. Errors of dependencies (httpx, sqlite3,
+paho, tarfile, cryptography) are translated into this tree at the boundary where they happen.
+
+    EdgeError
+    ├── ConfigError            bad or missing configuration (names the field)
+    ├── ManifestRefused        a manifest failed parsing, schema, signature, expiry or replay checks
+    └── DeploymentError        a verified manifest could not be carried out
+        ├── DownloadError      network, HTTP status, size cap, disk space
+        ├── VerifyError        digest or bundle metadata mismatch
+        └── InstallError       unsafe archive members, unpack or activation failures
+
+The codes are part of the public contract (status documents, exit codes, docs/errors.md): never
+rename one, only add.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    # configuration
+    CONFIG_INVALID = "config_invalid"
+    # manifest refusals (verification is pure; see agent/manifest.py)
+    MANIFEST_MALFORMED = "manifest_malformed"
+    MANIFEST_SCHEMA = "manifest_schema"
+    MANIFEST_UNSIGNED = "manifest_unsigned"
+    MANIFEST_UNKNOWN_KEY = "manifest_unknown_key"
+    MANIFEST_BAD_SIGNATURE = "manifest_bad_signature"
+    MANIFEST_EXPIRED = "manifest_expired"
+    MANIFEST_WRONG_DEVICE = "manifest_wrong_device"
+    MANIFEST_REPLAY = "manifest_replay"
+    # download
+    INSUFFICIENT_DISK = "insufficient_disk"
+    DOWNLOAD_FAILED = "download_failed"
+    SIZE_EXCEEDED = "size_exceeded"
+    # verification of the downloaded bytes
+    DIGEST_MISMATCH = "digest_mismatch"
+    BUNDLE_INVALID = "bundle_invalid"
+    # install / activate
+    UNSAFE_ARCHIVE = "unsafe_archive"
+    INSTALL_FAILED = "install_failed"
+    ACTIVATION_FAILED = "activation_failed"
+    # crash recovery
+    INTERRUPTED = "interrupted"
+
+
+class EdgeError(Exception):
+    """Base of every error this project raises on purpose."""
+
+    code: ErrorCode = ErrorCode.INSTALL_FAILED
+    hint: str = ""
+
+    def __init__(self, code: ErrorCode, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}" + (f" ({self.hint})" if self.hint else "")
+
+    def as_dict(self) -> dict[str, str]:
+        return {"code": str(self.code), "message": self.message, "hint": self.hint}
+
+
+class ConfigError(EdgeError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(ErrorCode.CONFIG_INVALID, f"{field}: {message}", "fix the field and restart")
+        self.field = field
+
+
+class ManifestRefused(EdgeError):
+    """A manifest was not accepted; nothing on the device changed."""
+
+
+class DeploymentError(EdgeError):
+    """A verified manifest could not be carried out; the previous image stays active."""
+
+    #: Whether trying again later (same manifest) can succeed.
+    retryable: bool = False
+
+
+class DownloadError(DeploymentError):
+    def __init__(self, code: ErrorCode, message: str, hint: str = "", retryable: bool = False) -> None:
+        super().__init__(code, message, hint)
+        self.retryable = retryable
+
+
+class VerifyError(DeploymentError):
+    pass
+
+
+class InstallError(DeploymentError):
+    pass

@@ -1,0 +1,59 @@
+"""MQTT topic layout: one prefix, one subtree per device.
+
+    {prefix}/devices/{device_id}/desired     retained, written by the operator: the signed manifest
+    {prefix}/devices/{device_id}/status      retained, written by the device: the status document
+    {prefix}/devices/{device_id}/online      retained, written by the device; its last will says offline
+    {prefix}/devices/{device_id}/inventory   retained, written by the device on every connect
+    {prefix}/devices/{device_id}/heartbeat   written by the device: small periodic summary
+
+The broker's ACL lets a device read only its ``desired`` topic and write only the others of its own
+subtree (see :func:`mosquitto_acl`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "edge"
+DEVICE_WRITES = ("status", "online", "inventory", "heartbeat")
+DEVICE_READS = ("desired",)
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str
+    device_id: str
+
+    def _t(self, leaf: str) -> str:
+        return f"{self.prefix}/devices/{self.device_id}/{leaf}"
+
+    @property
+    def desired(self) -> str:
+        return self._t("desired")
+
+    @property
+    def status(self) -> str:
+        return self._t("status")
+
+    @property
+    def online(self) -> str:
+        return self._t("online")
+
+    @property
+    def inventory(self) -> str:
+        return self._t("inventory")
+
+    @property
+    def heartbeat(self) -> str:
+        return self._t("heartbeat")
+
+
+def mosquitto_acl(prefix: str = DEFAULT_PREFIX, operators: tuple[str, ...] = ("operator",)) -> str:
+    """A mosquitto ACL file: ``%u`` is the client certificate's CN (use_identity_as_username)."""
+    lines = ["# devices: each reads its own desired state and writes its own reports"]
+    lines += [f"pattern read {prefix}/devices/%u/{leaf}" for leaf in DEVICE_READS]
+    lines += [f"pattern write {prefix}/devices/%u/{leaf}" for leaf in DEVICE_WRITES]
+    for op in operators:
+        lines += ["", f"# operator identity: writes desired state, reads every report", f"user {op}"]
+        lines += [f"topic readwrite {prefix}/#"]
+    return "\n".join(lines) + "\n"
