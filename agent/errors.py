@@ -44,7 +44,8 @@ class ErrorCode(StrEnum):
     UNSAFE_ARCHIVE = "unsafe_archive"
     INSTALL_FAILED = "install_failed"
     ACTIVATION_FAILED = "activation_failed"
-    # crash recovery
+    # lifecycle
+    SUPERSEDED = "superseded"
     INTERRUPTED = "interrupted"
 
 

@@ -136,6 +136,16 @@ def _validator() -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(schema())
 
 
+def schema_error(doc: Any) -> str | None:
+    """The first JSON Schema violation of a manifest document, as "path: message", or None."""
+    errors = sorted(_validator().iter_errors(doc), key=lambda e: list(e.absolute_path))
+    if not errors:
+        return None
+    where = "/".join(str(p) for p in errors[0].absolute_path) or "(top level)"
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {errors[0].message}{more}"
+
+
 def parse_time(value: str) -> datetime:
     t = datetime.fromisoformat(value)
     return t if t.tzinfo else t.replace(tzinfo=UTC)
@@ -240,14 +250,9 @@ def verify(
         doc = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _refuse(ErrorCode.MANIFEST_MALFORMED, f"signed payload is not JSON: {exc}", "re-sign") from None
-    errors = sorted(_validator().iter_errors(doc), key=lambda e: list(e.absolute_path))
-    if errors:
-        first = errors[0]
-        where = "/".join(str(p) for p in first.absolute_path) or "(top level)"
+    if (problem := schema_error(doc)) is not None:
         raise _refuse(
-            ErrorCode.MANIFEST_SCHEMA,
-            f"{where}: {first.message}" + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""),
-            "fix the manifest against agent/schemas/manifest.schema.json and re-sign",
+            ErrorCode.MANIFEST_SCHEMA, problem, "fix the manifest against agent/schemas/manifest.schema.json and re-sign"
         )
     m = Manifest.from_payload(payload, keyid)
     if m.device_id != device_id:

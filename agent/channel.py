@@ -1,0 +1,31 @@
+"""The control channel seam: how desired state reaches the agent and how reports leave it.
+
+The deployer knows only this interface. Implementations: :mod:`agent.mqtt_channel` (a plain MQTT 5
+broker with mutual TLS); an Azure IoT Hub device-twin channel implements the same methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+DesiredHandler = Callable[[bytes], None]
+ConnectHandler = Callable[[], None]
+
+
+class ControlChannel(Protocol):
+    def start(self, on_desired: DesiredHandler, on_connect: ConnectHandler) -> None:
+        """Connect (and keep reconnecting) in the background; call ``on_desired`` with every desired-state
+        message (the signed manifest, as bytes) and ``on_connect`` after every (re)connection."""
+
+    def report_status(self, doc: dict[str, Any]) -> None:
+        """Publish the status document (retained: the control plane reads rollout progress from it)."""
+
+    def report_inventory(self, doc: dict[str, Any]) -> None:
+        """Publish the device's capabilities (retained)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def stop(self) -> None:
+        """Say goodbye (online=false), disconnect and stop the background thread."""

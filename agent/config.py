@@ -1,0 +1,219 @@
+"""Agent configuration: defaults -> TOML file -> environment -> validation that names the bad field.
+
+Environment overrides use ``EDGE_AGENT_`` + the dotted path in upper case with ``__`` between
+sections: ``EDGE_AGENT_DEVICE_ID``, ``EDGE_AGENT_MQTT__HOST``, ``EDGE_AGENT_DOWNLOAD__RETRIES``.
+Lists in the environment are comma-separated. Unknown keys are errors, so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from agent.errors import ConfigError
+from agent.topics import DEFAULT_PREFIX
+
+ENV_PREFIX = "EDGE_AGENT_"
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+@dataclass
+class MqttConfig:
+    host: str = "127.0.0.1"
+    port: int = 8883
+    #: CA that signed the broker's certificate, and this device's client certificate and key (mTLS).
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    prefix: str = DEFAULT_PREFIX
+    keepalive: int = 30
+    #: MQTT 5 SessionExpiryInterval: how long the broker keeps this device's session and queued
+    #: messages while it is offline. Without it a persistent session is dropped at disconnect.
+    session_expiry: int = 7 * 24 * 3600
+    reconnect_min: float = 0.5
+    reconnect_max: float = 60.0
+
+
+@dataclass
+class TrustConfig:
+    #: PEM files of the Ed25519 public keys whose manifest signatures this device accepts.
+    keys: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class DownloadConfig:
+    #: Seconds without progress (connect or read) before an attempt is abandoned.
+    timeout: float = 30.0
+    #: Attempts per URL for retryable failures (connection errors, timeouts, 5xx, cut transfers).
+    retries: int = 5
+    backoff_min: float = 1.0
+    backoff_max: float = 30.0
+    #: Free space that must remain after the bundle and its unpacked copy are on disk.
+    disk_margin: int = 64 * 1024 * 1024
+    chunk_size: int = 1024 * 1024
+
+
+@dataclass
+class StoreConfig:
+    #: Images kept on disk, the active one included; older ones are garbage-collected.
+    keep_images: int = 2
+
+
+@dataclass
+class AgentConfig:
+    device_id: str = ""
+    state_dir: Path = Path("/var/lib/edge-agent")
+    log_level: str = "info"
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+    def validate(self) -> None:
+        if not self.device_id:
+            raise ConfigError("device_id", "is required (the device's id, equal to its certificate's CN)")
+        if not _ID.match(self.device_id):
+            raise ConfigError("device_id", f"{self.device_id!r} may only use letters, digits and . _ : -")
+        if not 0 < self.mqtt.port < 65536:
+            raise ConfigError("mqtt.port", f"{self.mqtt.port} is not a TCP port")
+        if "/" in self.mqtt.prefix or "+" in self.mqtt.prefix or "#" in self.mqtt.prefix:
+            raise ConfigError("mqtt.prefix", "must not contain '/', '+' or '#'")
+        if self.mqtt.session_expiry <= 0:
+            raise ConfigError("mqtt.session_expiry", "must be > 0, or queued messages are lost at disconnect")
+        if self.mqtt.reconnect_min <= 0 or self.mqtt.reconnect_max < self.mqtt.reconnect_min:
+            raise ConfigError("mqtt.reconnect_max", "need 0 < reconnect_min <= reconnect_max")
+        tls = [self.mqtt.ca, self.mqtt.cert, self.mqtt.key]
+        if any(tls) and not all(tls):
+            raise ConfigError("mqtt", "ca, cert and key go together (mutual TLS); set all three or none")
+        for name in ("ca", "cert", "key"):
+            p = getattr(self.mqtt, name)
+            if p is not None and not p.is_file():
+                raise ConfigError(f"mqtt.{name}", f"file {p} does not exist or is not readable")
+        if not self.trust.keys:
+            raise ConfigError("trust.keys", "lists no public key: the agent would accept no manifest")
+        for i, p in enumerate(self.trust.keys):
+            if not p.is_file():
+                raise ConfigError(f"trust.keys[{i}]", f"file {p} does not exist")
+        if self.download.retries < 1:
+            raise ConfigError("download.retries", "must be >= 1")
+        if self.download.timeout <= 0:
+            raise ConfigError("download.timeout", "must be > 0")
+        if self.download.chunk_size < 4096:
+            raise ConfigError("download.chunk_size", "must be >= 4096")
+        if self.store.keep_images < 2:
+            raise ConfigError("store.keep_images", "must be >= 2 (the active image and one to roll back to)")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError("log_level", "must be one of debug, info, warning, error")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None or value == "":
+            return None
+        return _convert(value, args[0], where)
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(where, f"expected a list, got {type(value).__name__}")
+        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(where, f"expected a table, got {type(value).__name__}")
+        return _build(tp, value, where + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(where, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(where, f"expected an integer, got {value!r}")
+        try:
+            return int(value) if isinstance(value, int | str) else _bad(where, "an integer", value)
+        except ValueError:
+            raise ConfigError(where, f"expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(where, f"expected a number, got {value!r}")
+        try:
+            return float(value) if isinstance(value, int | float | str) else _bad(where, "a number", value)
+        except ValueError:
+            raise ConfigError(where, f"expected a number, got {value!r}") from None
+    if tp is str:
+        return value if isinstance(value, str) else _bad(where, "a string", value)
+    if tp is Path:
+        return Path(value) if isinstance(value, str) else _bad(where, "a path", value)
+    raise TypeError(f"unsupported config type {tp!r}")  # pragma: no cover - a programming error
+
+
+def _bad(where: str, expected: str, value: Any) -> Any:
+    raise ConfigError(where, f"expected {expected}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: Any, data: Mapping[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(prefix + key, f"unknown setting (known: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def load(path: Path | None, env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Load and validate. Relative paths in the file are relative to the file's directory."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    _merge(data, _env_overrides(os.environ if env is None else env))
+    cfg: AgentConfig = _build(AgentConfig, data, "")
+    if path is not None:
+        base = path.parent
+        cfg.state_dir = base / cfg.state_dir
+        for name in ("ca", "cert", "key"):
+            p = getattr(cfg.mqtt, name)
+            if p is not None:
+                setattr(cfg.mqtt, name, base / p)
+        cfg.trust.keys = [base / p for p in cfg.trust.keys]
+    cfg.validate()
+    return cfg

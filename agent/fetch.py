@@ -1,0 +1,260 @@
+"""Download an image bundle: streaming, resumable, size-capped, hashed on the way in.
+
+The bytes go to ``<dest>.partial``. An interrupted transfer (connection cut, timeout, 5xx, agent
+killed) resumes from the partial file's length with an HTTP Range request; a server that ignores the
+Range header (answers 200) restarts the file from zero. Reading stops the moment more bytes arrive
+than the manifest declared. The SHA-256 is computed while the bytes arrive, on a second thread
+(hashlib releases the GIL), so verification costs no extra pass over the file.
+
+httpx errors are translated here, at the boundary, into :class:`DownloadError` with a stable code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+
+from agent.config import DownloadConfig
+from agent.errors import DownloadError, ErrorCode
+from agent.log import get_logger
+
+log = get_logger("fetch")
+
+ProgressFn = Callable[[int, int], None]
+
+
+class _Hasher:
+    """SHA-256 fed from a queue on its own thread, so hashing overlaps network and disk I/O."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=64)
+        self._t = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while (chunk := self._q.get()) is not None:
+            self._h.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self._q.put(chunk)
+
+    def hexdigest(self) -> str:
+        self._q.put(None)
+        self._t.join()
+        return self._h.hexdigest()
+
+
+def _chunks(path: Path, limit: int | None = None, size: int = 4 << 20) -> Iterator[bytes]:
+    """The file's bytes (or its first ``limit`` bytes) in large chunks."""
+    remaining = limit
+    with open(path, "rb", buffering=0) as f:
+        while remaining is None or remaining > 0:
+            chunk = f.read(size if remaining is None else min(size, remaining))
+            if not chunk:
+                return
+            if remaining is not None:
+                remaining -= len(chunk)
+            yield chunk
+
+
+def hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    for chunk in _chunks(path):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def backoff_delays(lo: float, hi: float) -> Callable[[int], float]:
+    """Exponential backoff with full jitter (AWS architecture blog): spreads a fleet's retries."""
+
+    def delay(attempt: int) -> float:
+        return random.uniform(lo, min(hi, lo * (2**attempt)))
+
+    return delay
+
+
+class _Retry(Exception):
+    """Internal: this attempt failed in a way another attempt may fix."""
+
+
+class _NextUrl(Exception):
+    """Internal: this URL will not work (e.g. 404, 403); try the next one."""
+
+
+class Fetcher:
+    def __init__(self, cfg: DownloadConfig, client: httpx.Client | None = None) -> None:
+        self.cfg = cfg
+        self._client = client or httpx.Client(
+            timeout=httpx.Timeout(cfg.timeout),
+            follow_redirects=True,
+            headers={"Accept-Encoding": "identity", "User-Agent": "edge-agent"},
+        )
+        self._delay = backoff_delays(cfg.backoff_min, cfg.backoff_max)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def fetch(
+        self,
+        urls: tuple[str, ...] | list[str],
+        partial: Path,
+        size: int,
+        progress: ProgressFn | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> str:
+        """Fetch into ``partial`` until it holds exactly ``size`` bytes; return their SHA-256 (hex).
+
+        Tries each URL in turn, each up to ``retries`` times with jittered exponential backoff.
+        Raises DownloadError(size_exceeded) at once if a server sends more than ``size`` bytes
+        (that is hostile or a wrong manifest; retrying would not help), and
+        DownloadError(download_failed) when every URL has been tried.
+        """
+        last = "no URL"
+        for url in urls:
+            for attempt in range(self.cfg.retries):
+                if should_stop():
+                    raise _stopped()
+                try:
+                    return self._attempt(url, partial, size, progress, should_stop)
+                except _Retry as exc:
+                    last = f"{_redact(url)}: {exc}"
+                    if attempt + 1 < self.cfg.retries:
+                        d = self._delay(attempt)
+                        log.warning(
+                            "download.retry", url=_redact(url), attempt=attempt + 1, error=str(exc), delay_s=round(d, 2)
+                        )
+                        deadline = time.monotonic() + d
+                        while time.monotonic() < deadline:
+                            if should_stop():
+                                raise _stopped()
+                            time.sleep(min(0.1, deadline - time.monotonic()))
+                except _NextUrl as exc:
+                    last = f"{_redact(url)}: {exc}"
+                    log.warning("download.url_failed", url=_redact(url), error=str(exc))
+                    break
+        raise DownloadError(
+            ErrorCode.DOWNLOAD_FAILED,
+            f"could not download the bundle after trying {len(urls)} URL(s): {last}",
+            "check that the URLs are reachable from the device and not expired",
+            retryable=True,
+        )
+
+    def _attempt(
+        self, url: str, partial: Path, size: int, progress: ProgressFn | None, should_stop: Callable[[], bool]
+    ) -> str:
+        if url.startswith("file://"):
+            return self._copy_local(url[len("file://") :], partial, size, progress)
+        have = partial.stat().st_size if partial.exists() else 0
+        if have > size:  # a partial file from an older attempt at a different bundle: start over
+            partial.unlink()
+            have = 0
+        if have == size:
+            return hash_file(partial)
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            with self._client.stream("GET", url, headers=headers) as resp:
+                if resp.status_code == 206 and have:
+                    start = _content_range_start(resp.headers.get("content-range", ""))
+                    if start != have:
+                        raise _Retry(f"server resumed at byte {start}, asked for {have}")
+                elif resp.status_code == 200:
+                    have = 0  # server ignored the Range header (or there was none): start over
+                elif resp.status_code == 416:
+                    partial.unlink(missing_ok=True)
+                    raise _Retry("server refused the resume range; restarting from zero")
+                elif resp.status_code in (408, 425, 429) or resp.status_code >= 500:
+                    raise _Retry(f"HTTP {resp.status_code}")
+                else:
+                    raise _NextUrl(f"HTTP {resp.status_code}")
+                expected = resp.headers.get("content-length")
+                if expected is not None and expected.isdigit() and have + int(expected) > size:
+                    raise _oversize(size, have + int(expected), "announced")
+                hasher = _Hasher()
+                with open(partial, "r+b" if have else "wb", buffering=0) as f:
+                    if have:
+                        for chunk in _chunks(partial, have):
+                            hasher.update(chunk)
+                        f.seek(have)
+                        f.truncate()
+                    got = have
+                    last_report = 0.0
+                    for chunk in resp.iter_raw():
+                        got += len(chunk)
+                        if got > size:
+                            raise _oversize(size, got, "sent")
+                        f.write(chunk)
+                        hasher.update(chunk)
+                        if (now := time.monotonic()) - last_report >= 0.5:
+                            last_report = now
+                            if should_stop():
+                                raise _stopped()
+                            if progress is not None:
+                                progress(got, size)
+                    digest = hasher.hexdigest()
+                if got < size:
+                    raise _Retry(f"transfer ended at byte {got} of {size}")
+                if progress is not None:
+                    progress(got, size)
+                return digest
+        except httpx.TimeoutException as exc:
+            raise _Retry(f"timed out ({type(exc).__name__})") from None
+        except (httpx.TransportError, httpx.StreamError) as exc:
+            raise _Retry(f"{type(exc).__name__}: {exc}") from None
+        except httpx.InvalidURL as exc:
+            raise _NextUrl(f"invalid URL: {exc}") from None
+
+    def _copy_local(self, path: str, partial: Path, size: int, progress: ProgressFn | None) -> str:
+        """``file://`` URLs: for bundles on removable media or a shared mount (air-gapped sites)."""
+        try:
+            actual = os.stat(path).st_size
+        except OSError as exc:
+            raise _NextUrl(f"cannot read {path}: {exc.strerror}") from None
+        if actual > size:
+            raise _oversize(size, actual, "holds")
+        hasher = _Hasher()
+        with open(path, "rb", buffering=0) as src, open(partial, "wb", buffering=0) as dst:
+            while chunk := src.read(self.cfg.chunk_size):
+                dst.write(chunk)
+                hasher.update(chunk)
+        if progress is not None:
+            progress(actual, size)
+        digest = hasher.hexdigest()
+        if actual < size:
+            raise _NextUrl(f"{path} holds {actual} bytes, the manifest declares {size}")
+        return digest
+
+
+def _stopped() -> DownloadError:
+    return DownloadError(
+        ErrorCode.SUPERSEDED, "download stopped: a newer manifest arrived or the agent is stopping", retryable=True
+    )
+
+
+def _oversize(size: int, got: int, verb: str) -> DownloadError:
+    return DownloadError(
+        ErrorCode.SIZE_EXCEEDED,
+        f"server {verb} {got} bytes, more than the {size} the manifest declares; download stopped",
+        "check the image's size in the manifest, and the server for tampering",
+    )
+
+
+def _content_range_start(value: str) -> int:
+    # "bytes 100-199/200"
+    try:
+        return int(value.split()[1].split("-")[0])
+    except (IndexError, ValueError):
+        return -1
+
+
+def _redact(url: str) -> str:
+    """Never log a SAS token or a presigned signature."""
+    return url.split("?", 1)[0]

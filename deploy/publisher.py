@@ -1,0 +1,109 @@
+"""The operator's MQTT connection: publishes desired state, watches every device's reports.
+
+Desired state is published retained (QoS 1), so a device that is offline gets its manifest the
+moment it connects. Reports (status, online, inventory) are read from the devices' retained topics:
+the control plane's view of the fleet is rebuilt from them alone.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from agent.topics import DEFAULT_PREFIX, Topics
+
+StatusPredicate = Callable[[dict[str, Any]], bool]
+
+
+class OperatorClient:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        ca: Path | None = None,
+        cert: Path | None = None,
+        key: Path | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        client_id: str | None = None,
+    ) -> None:
+        self.prefix = prefix
+        self._client = mqtt.Client(client_id=client_id or f"operator-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
+        if ca and cert and key:
+            self._client.tls_set(ca_certs=str(ca), certfile=str(cert), keyfile=str(key), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        self._cond = threading.Condition()
+        self._reports: dict[tuple[str, str], dict[str, Any]] = {}
+        self._connected = threading.Event()
+        self._client.on_connect = self._on_connect
+        self._client.on_message = self._on_message
+        self._host, self._port = host, port
+
+    def __enter__(self) -> OperatorClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def connect(self, timeout: float = 10.0) -> None:
+        self._client.connect(self._host, self._port, keepalive=30)
+        self._client.loop_start()
+        if not self._connected.wait(timeout):
+            self.close()
+            raise TimeoutError(f"operator could not connect to {self._host}:{self._port} within {timeout}s")
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
+        if rc == 0:
+            client.subscribe(f"{self.prefix}/devices/+/status", qos=1)
+            client.subscribe(f"{self.prefix}/devices/+/online", qos=1)
+            client.subscribe(f"{self.prefix}/devices/+/inventory", qos=1)
+            self._connected.set()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        parts = msg.topic.split("/")
+        if len(parts) != 4:
+            return
+        try:
+            doc = json.loads(msg.payload) if msg.payload else {}
+        except ValueError:
+            return
+        with self._cond:
+            self._reports[(parts[2], parts[3])] = doc
+            self._cond.notify_all()
+
+    def publish_manifest(self, device_id: str, envelope: bytes, timeout: float = 10.0) -> None:
+        info = self._client.publish(Topics(self.prefix, device_id).desired, envelope, qos=1, retain=True)
+        info.wait_for_publish(timeout)
+        if not info.is_published():
+            raise TimeoutError(f"broker did not acknowledge the manifest for {device_id} within {timeout}s")
+
+    def report(self, device_id: str, kind: str = "status") -> dict[str, Any] | None:
+        with self._cond:
+            return self._reports.get((device_id, kind))
+
+    def wait_for(
+        self, device_id: str, predicate: StatusPredicate, timeout: float = 30.0, kind: str = "status"
+    ) -> dict[str, Any]:
+        """Block until the device's latest report of ``kind`` satisfies ``predicate``; return it."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                doc = self._reports.get((device_id, kind))
+                if doc is not None and predicate(doc):
+                    return doc
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{device_id} {kind} did not reach the expected state in {timeout}s; last: {doc}")
+                self._cond.wait(left)
