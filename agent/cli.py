@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-agent: invalid configuration: {exc.message}", file=sys.stderr)
         return 2
     if args.cmd == "check-config":
-        print(json.dumps({"ok": True, "device_id": cfg.device_id, "broker": f"{cfg.mqtt.host}:{cfg.mqtt.port}"}))
+        print(
+            json.dumps({"ok": True, "device_id": cfg.device_id, "broker": f"{cfg.mqtt.host}:{cfg.mqtt.port}"})
+        )
         return 0
     log_mod.setup(cfg.log_level)
     from agent.daemon import Agent

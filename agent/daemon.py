@@ -28,7 +28,9 @@ def load_trusted_keys(cfg: AgentConfig) -> dict[str, Ed25519PublicKey]:
         try:
             key = mf.load_public_key(path.read_bytes())
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"trust.keys[{i}]", f"{path} is not an Ed25519 public key in PEM: {exc}") from None
+            raise ConfigError(
+                f"trust.keys[{i}]", f"{path} is not an Ed25519 public key in PEM: {exc}"
+            ) from None
         keys[mf.key_id(key)] = key
     return keys
 
@@ -42,8 +44,13 @@ class Agent:
         self.fetcher = Fetcher(cfg.download)
         self.channel = MqttChannel(cfg.device_id, cfg.mqtt)
         self.deployer = Deployer(
-            cfg.device_id, self.db, self.store, self.fetcher, load_trusted_keys(cfg),
-            self.channel.report_status, cfg.download.disk_margin,
+            cfg.device_id,
+            self.db,
+            self.store,
+            self.fetcher,
+            load_trusted_keys(cfg),
+            self.channel.report_status,
+            cfg.download.disk_margin,
         )
         self._stop = threading.Event()
 
@@ -58,8 +65,13 @@ class Agent:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        log.info("agent.starting", device_id=self.cfg.device_id, broker=f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}",
-                 state_dir=str(self.cfg.state_dir), trusted_keys=len(self.deployer.trusted_keys))
+        log.info(
+            "agent.starting",
+            device_id=self.cfg.device_id,
+            broker=f"{self.cfg.mqtt.host}:{self.cfg.mqtt.port}",
+            state_dir=str(self.cfg.state_dir),
+            trusted_keys=len(self.deployer.trusted_keys),
+        )
         worker = threading.Thread(target=self.deployer.run, name="deployer", daemon=True)
         # Resume an interrupted deployment before taking new manifests: the worker recovers first,
         # and manifests that arrive meanwhile wait in the deployer's intake.

@@ -125,7 +125,9 @@ class Deployer:
                 return
             high = max(self.db.last_generation(), self._pending[0].generation if self._pending else 0)
             try:
-                m = mf.verify(raw, self.trusted_keys, device_id=self.device_id, now=self.clock(), last_generation=high)
+                m = mf.verify(
+                    raw, self.trusted_keys, device_id=self.device_id, now=self.clock(), last_generation=high
+                )
             except ManifestRefused as exc:
                 doc = {**exc.as_dict(), "at": now_iso(), "message_sha256": sha}
                 self.db.set_meta("rejected", doc)
@@ -137,8 +139,13 @@ class Deployer:
                 self._pending = (m, sha)
                 self.db.set_meta("rejected", None)
                 self._wake.notify_all()
-                log.info("manifest.accepted", generation=m.generation, deployment_id=m.deployment_id,
-                         image=f"{m.image.name}:{m.image.version}", keyid=m.keyid[:16])
+                log.info(
+                    "manifest.accepted",
+                    generation=m.generation,
+                    deployment_id=m.deployment_id,
+                    image=f"{m.image.name}:{m.image.version}",
+                    keyid=m.keyid[:16],
+                )
                 refused = False
         if refused:
             self._publish()
@@ -195,11 +202,21 @@ class Deployer:
                 if exc.code == ErrorCode.SUPERSEDED and self._stopping:
                     return  # shutting down mid-download: stay in this state, resume at the next start
                 event, err = E.FAIL, exc
-            except Exception as exc:  # a bug or an OS error we did not foresee: fail this deployment, not the agent
+            except (
+                Exception
+            ) as exc:  # a bug or an OS error we did not foresee: fail this deployment, not the agent
                 log.error("deployment.unexpected_error", exc_info=True, state=str(state))
-                event, err = E.FAIL, InstallError(ErrorCode.INSTALL_FAILED, f"{type(exc).__name__}: {exc}", "see logs")
-            if event == E.FAIL and state == S.ACTIVATING:
-                self._restore_previous(m)
+                event, err = (
+                    E.FAIL,
+                    InstallError(ErrorCode.INSTALL_FAILED, f"{type(exc).__name__}: {exc}", "see logs"),
+                )
+            if event == E.FAIL and state == S.ACTIVATING and (problem := self._restore_previous(m)):
+                assert err is not None
+                err = InstallError(
+                    err.code,
+                    f"{err.message}; restoring the previous image also failed: {problem}",
+                    "check the device's disk; the status's 'active' says what runs",
+                )
             state = self._transition(m, state, event, err)
         if state == S.ACTIVE:
             self.store.gc()
@@ -208,8 +225,14 @@ class Deployer:
         new = TRANSITIONS[(state, event)]
         self.db.transition(m.generation, state, event, new, err.as_dict() if err else None)
         self._progress = None
-        log.info("deployment.state", generation=m.generation, deployment_id=m.deployment_id, state=str(new),
-                 trigger=str(event), **({"code": str(err.code), "reason": err.message} if err else {}))
+        log.info(
+            "deployment.state",
+            generation=m.generation,
+            deployment_id=m.deployment_id,
+            state=str(new),
+            trigger=str(event),
+            **({"code": str(err.code), "reason": err.message} if err else {}),
+        )
         self._publish()
         faults.point(f"state:{new}")
         return new
@@ -254,7 +277,9 @@ class Deployer:
             return E.VERIFIED
         if state == S.INSTALLING:
             if not self.store.has_image(img.sha256) and not self.store.partial_path(img.sha256).exists():
-                raise InstallError(ErrorCode.INSTALL_FAILED, "verified bundle vanished before unpacking", "retry")
+                raise InstallError(
+                    ErrorCode.INSTALL_FAILED, "verified bundle vanished before unpacking", "retry"
+                )
             try:
                 self.store.install(img.sha256, self.store.partial_path(img.sha256), img.name, img.version)
             except DeploymentError:
@@ -266,10 +291,16 @@ class Deployer:
             return E.ACTIVATED
         raise AssertionError(f"no work for state {state}")  # pragma: no cover
 
-    def _restore_previous(self, m: mf.Manifest) -> None:
-        """Activation failed: make sure ``current`` names the image that was active before."""
-        if self.store.active() == m.image.sha256 and (prev := self.store.previous()):
-            self.store.activate(prev)
+    def _restore_previous(self, m: mf.Manifest) -> str | None:
+        """Activation failed: point ``current`` back at the image that was active before.
+        Returns what went wrong if even that failed (the status's ``active`` still tells the truth)."""
+        try:
+            if self.store.active() == m.image.sha256 and (prev := self.store.previous()):
+                self.store.activate(prev)
+        except OSError as exc:
+            log.error("deployment.restore_failed", error=str(exc))
+            return str(exc)
+        return None
 
     def _superseded(self) -> bool:
         return self._pending is not None or self._stopping
@@ -304,8 +335,16 @@ class Deployer:
             src = self.db.last_active_with_digest(active)
             doc["active"] = {
                 "sha256": active,
-                **({"name": _image_of(src)["name"], "version": _image_of(src)["version"],
-                    "deployment_id": src.deployment_id, "generation": src.generation} if src else {}),
+                **(
+                    {
+                        "name": _image_of(src)["name"],
+                        "version": _image_of(src)["version"],
+                        "deployment_id": src.deployment_id,
+                        "generation": src.generation,
+                    }
+                    if src
+                    else {}
+                ),
             }
         rejected = self.db.get_meta("rejected")
         if rejected:

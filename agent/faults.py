@@ -1,20 +1,32 @@
-"""Crash points for fault-injection tests: ``EDGE_AGENT_CRASH_AT=<point>`` makes the agent SIGKILL
-itself when it reaches that point, exactly as a power cut or the OOM killer would.
+"""Fault points for fault-injection tests, named after what happens there.
 
-Points are named after the deployer's states (``state:<name>``, reached right after the transition
-into that state was persisted) plus a few inside activation and install. The variable is read once
-at import; with it unset, :func:`point` is a single comparison.
+``EDGE_FAULT_CRASH_AT=<point>`` makes the agent SIGKILL itself when it reaches that point, exactly
+as a power cut or the OOM killer would. ``EDGE_FAULT_FAIL_AT=<point>`` raises an I/O error there
+instead, once per process, as a transient disk error would.
+
+Points are the deployer's states (``state:<name>``, reached right after the transition into that
+state was persisted and reported) and a few steps inside install and activation
+(``installing.before_rename``, ``activating.before_switch``, ``activating.after_switch``). The
+variables are read once at import; unset, :func:`point` is a single comparison. (They are not
+``EDGE_AGENT_*``: that prefix is the agent's configuration.)
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
-ENV = "EDGE_AGENT_CRASH_AT"
-_target = os.environ.get(ENV, "")
+CRASH_ENV = "EDGE_FAULT_CRASH_AT"
+FAIL_ENV = "EDGE_FAULT_FAIL_AT"
+_crash = os.environ.get(CRASH_ENV, "")
+_fail = os.environ.get(FAIL_ENV, "")
 
 
 def point(name: str) -> None:
-    if _target and _target == name:
+    global _fail
+    if _crash == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    if _fail == name:
+        _fail = ""
+        raise OSError(errno.EIO, f"injected I/O error at {name}")

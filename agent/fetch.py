@@ -130,13 +130,13 @@ class Fetcher:
                     if attempt + 1 < self.cfg.retries:
                         d = self._delay(attempt)
                         log.warning(
-                            "download.retry", url=_redact(url), attempt=attempt + 1, error=str(exc), delay_s=round(d, 2)
+                            "download.retry",
+                            url=_redact(url),
+                            attempt=attempt + 1,
+                            error=str(exc),
+                            delay_s=round(d, 2),
                         )
-                        deadline = time.monotonic() + d
-                        while time.monotonic() < deadline:
-                            if should_stop():
-                                raise _stopped()
-                            time.sleep(min(0.1, deadline - time.monotonic()))
+                        _sleep(d, should_stop)
                 except _NextUrl as exc:
                     last = f"{_redact(url)}: {exc}"
                     log.warning("download.url_failed", url=_redact(url), error=str(exc))
@@ -233,9 +233,20 @@ class Fetcher:
         return digest
 
 
+def _sleep(seconds: float, should_stop: Callable[[], bool]) -> None:
+    """Back off, but give up the wait at once when told to stop (a newer manifest, SIGTERM)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if should_stop():
+            raise _stopped()
+        time.sleep(min(0.1, left))
+
+
 def _stopped() -> DownloadError:
     return DownloadError(
-        ErrorCode.SUPERSEDED, "download stopped: a newer manifest arrived or the agent is stopping", retryable=True
+        ErrorCode.SUPERSEDED,
+        "download stopped: a newer manifest arrived or the agent is stopping",
+        retryable=True,
     )
 
 

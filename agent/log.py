@@ -1,7 +1,7 @@
 """Structured logs: one JSON object per line on stderr (journald keeps them under systemd).
 
-    log = get_logger("deployer")
-    log.info("deployment.state", deployment_id=d, state="downloading")
+log = get_logger("deployer")
+log.info("deployment.state", deployment_id=d, state="downloading")
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ _ROOT = "edge"
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "event": record.getMessage(),

@@ -91,7 +91,9 @@ class Manifest:
 
 def canonical_json(obj: Any) -> bytes:
     """Sorted keys, no insignificant whitespace, UTF-8, no NaN: same object, same bytes."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:
@@ -196,9 +198,13 @@ def verify(
     try:
         env = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _refuse(ErrorCode.MANIFEST_MALFORMED, f"not JSON: {exc}", "publish a signed manifest envelope") from None
+        raise _refuse(
+            ErrorCode.MANIFEST_MALFORMED, f"not JSON: {exc}", "publish a signed manifest envelope"
+        ) from None
     if not isinstance(env, dict):
-        raise _refuse(ErrorCode.MANIFEST_MALFORMED, "envelope is not a JSON object", "publish a signed envelope")
+        raise _refuse(
+            ErrorCode.MANIFEST_MALFORMED, "envelope is not a JSON object", "publish a signed envelope"
+        )
     if "payload" not in env or not env.get("signatures"):
         raise _refuse(
             ErrorCode.MANIFEST_UNSIGNED,
@@ -221,7 +227,9 @@ def verify(
     seen_trusted = False
     for entry in sigs:
         if not isinstance(entry, dict) or not isinstance(entry.get("keyid"), str):
-            raise _refuse(ErrorCode.MANIFEST_MALFORMED, "a signature entry has no keyid", "re-sign the manifest")
+            raise _refuse(
+                ErrorCode.MANIFEST_MALFORMED, "a signature entry has no keyid", "re-sign the manifest"
+            )
         key = trusted_keys.get(entry["keyid"])
         if key is None:
             continue
@@ -252,7 +260,9 @@ def verify(
         raise _refuse(ErrorCode.MANIFEST_MALFORMED, f"signed payload is not JSON: {exc}", "re-sign") from None
     if (problem := schema_error(doc)) is not None:
         raise _refuse(
-            ErrorCode.MANIFEST_SCHEMA, problem, "fix the manifest against agent/schemas/manifest.schema.json and re-sign"
+            ErrorCode.MANIFEST_SCHEMA,
+            problem,
+            "fix the manifest against agent/schemas/manifest.schema.json and re-sign",
         )
     m = Manifest.from_payload(payload, keyid)
     if m.device_id != device_id:
@@ -262,7 +272,9 @@ def verify(
             "publish each device its own manifest",
         )
     if m.expires_at <= m.issued_at:
-        raise _refuse(ErrorCode.MANIFEST_SCHEMA, "expires_at is not after issued_at", "fix the validity window")
+        raise _refuse(
+            ErrorCode.MANIFEST_SCHEMA, "expires_at is not after issued_at", "fix the validity window"
+        )
     if now >= m.expires_at:
         raise _refuse(
             ErrorCode.MANIFEST_EXPIRED,

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 import threading
@@ -41,10 +42,15 @@ class MqttChannel:
         self._client = mqtt.Client(client_id=device_id, protocol=mqtt.MQTTv5)
         if cfg.ca and cfg.cert and cfg.key:
             self._client.tls_set(
-                ca_certs=str(cfg.ca), certfile=str(cfg.cert), keyfile=str(cfg.key),
-                cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT,
+                ca_certs=str(cfg.ca),
+                certfile=str(cfg.cert),
+                keyfile=str(cfg.key),
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
-        self._client.will_set(self.topics.online, self._online_doc(False, "connection lost"), qos=1, retain=True)
+        self._client.will_set(
+            self.topics.online, self._online_doc(False, "connection lost"), qos=1, retain=True
+        )
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -80,11 +86,11 @@ class MqttChannel:
 
     def stop(self) -> None:
         if self._connected.is_set():
-            info = self._client.publish(self.topics.online, self._online_doc(False, "shutdown"), qos=1, retain=True)
-            try:
+            info = self._client.publish(
+                self.topics.online, self._online_doc(False, "shutdown"), qos=1, retain=True
+            )
+            with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=2.0)
-            except (RuntimeError, ValueError):
-                pass
             self._client.disconnect()
         self._stop.set()
         if self._thread.is_alive():
@@ -105,7 +111,10 @@ class MqttChannel:
             try:
                 if first:
                     self._client.connect(
-                        self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive, clean_start=False,
+                        self.cfg.host,
+                        self.cfg.port,
+                        keepalive=self.cfg.keepalive,
+                        clean_start=False,
                         properties=props,
                     )
                     first = False
@@ -125,16 +134,21 @@ class MqttChannel:
             attempt += 1
             log.info("mqtt.reconnect_wait", delay_s=round(delay, 2), attempt=attempt)
             self._stop.wait(delay)
-        try:
+        with contextlib.suppress(OSError, ValueError):
             self._client.loop(timeout=0.1)  # flush the goodbye and the DISCONNECT packet
-        except (OSError, ValueError):
-            pass
 
-    def _on_connect(self, client: mqtt.Client, _u: Any, flags: dict[str, Any], rc: Any, _p: Any = None) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, _u: Any, flags: dict[str, Any], rc: Any, _p: Any = None
+    ) -> None:
         if rc != 0:
             log.error("mqtt.refused", reason=str(rc))
             return
-        log.info("mqtt.connected", host=self.cfg.host, port=self.cfg.port, session_present=flags.get("session present"))
+        log.info(
+            "mqtt.connected",
+            host=self.cfg.host,
+            port=self.cfg.port,
+            session_present=flags.get("session present"),
+        )
         self._connected.set()
         client.subscribe(self.topics.desired, qos=1)
         client.publish(self.topics.online, self._online_doc(True, "connected"), qos=1, retain=True)

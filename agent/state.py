@@ -106,8 +106,9 @@ class StateDB:
             (digest,),
         )
 
-    def insert(self, generation: int, deployment_id: str, message_sha256: str, payload: bytes, keyid: str,
-               state: str) -> None:
+    def insert(
+        self, generation: int, deployment_id: str, message_sha256: str, payload: bytes, keyid: str, state: str
+    ) -> None:
         at = now_iso()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -117,13 +118,15 @@ class StateDB:
                 (generation, deployment_id, message_sha256, payload, keyid, state, at, at),
             )
             self._db.execute(
-                "INSERT INTO transitions (generation, from_state, event, to_state, at) VALUES (?, NULL, ?, ?, ?)",
+                "INSERT INTO transitions (generation, from_state, event, to_state, at) "
+                "VALUES (?, NULL, ?, ?, ?)",
                 (generation, "accepted", state, at),
             )
             self._db.execute("COMMIT")
 
-    def transition(self, generation: int, from_state: str, event: str, to_state: str,
-                   error: dict[str, str] | None = None) -> None:
+    def transition(
+        self, generation: int, from_state: str, event: str, to_state: str, error: dict[str, str] | None = None
+    ) -> None:
         at = now_iso()
         code = error["code"] if error else None
         with self._lock:
@@ -131,8 +134,15 @@ class StateDB:
             cur = self._db.execute(
                 "UPDATE deployments SET state = ?, error_code = ?, error_message = ?, error_hint = ?, "
                 "updated_at = ? WHERE generation = ? AND state = ?",
-                (to_state, code, error and error["message"], error and error.get("hint"), at, generation,
-                 from_state),
+                (
+                    to_state,
+                    code,
+                    error and error["message"],
+                    error and error.get("hint"),
+                    at,
+                    generation,
+                    from_state,
+                ),
             )
             if cur.rowcount != 1:
                 self._db.execute("ROLLBACK")
@@ -146,21 +156,27 @@ class StateDB:
 
     def count_recovery(self, generation: int) -> int:
         with self._lock:
-            self._db.execute("UPDATE deployments SET recoveries = recoveries + 1 WHERE generation = ?", (generation,))
-            (n,) = self._db.execute("SELECT recoveries FROM deployments WHERE generation = ?", (generation,)).fetchone()
+            self._db.execute(
+                "UPDATE deployments SET recoveries = recoveries + 1 WHERE generation = ?", (generation,)
+            )
+            (n,) = self._db.execute(
+                "SELECT recoveries FROM deployments WHERE generation = ?", (generation,)
+            ).fetchone()
         return int(n)
 
     def history(self, generation: int) -> list[tuple[str | None, str, str]]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT from_state, event, to_state FROM transitions WHERE generation = ? ORDER BY id", (generation,)
+                "SELECT from_state, event, to_state FROM transitions WHERE generation = ? ORDER BY id",
+                (generation,),
             ).fetchall()
         return [(r[0], r[1], r[2]) for r in rows]
 
     def set_meta(self, key: str, value: Any) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 (key, json.dumps(value)),
             )
 

@@ -110,7 +110,9 @@ class BundleStore:
     def activate(self, digest: str) -> None:
         """Point ``current`` at an installed image; the old one becomes ``previous``."""
         if not self.has_image(digest):
-            raise InstallError(ErrorCode.ACTIVATION_FAILED, f"image {digest[:12]} is not installed", "reinstall")
+            raise InstallError(
+                ErrorCode.ACTIVATION_FAILED, f"image {digest[:12]} is not installed", "reinstall"
+            )
         old = self.active()
         if old == digest:
             return
@@ -198,7 +200,9 @@ def _safe_unpack(bundle: Path, dest: Path, do_fsync: bool) -> None:
                 if len(members) > MAX_MEMBERS:
                     raise _unsafe(m.name, f"more than {MAX_MEMBERS} members")
     except tarfile.TarError as exc:
-        raise VerifyError(ErrorCode.BUNDLE_INVALID, f"bundle is not a valid tar archive: {exc}", "rebuild") from None
+        raise VerifyError(
+            ErrorCode.BUNDLE_INVALID, f"bundle is not a valid tar archive: {exc}", "rebuild"
+        ) from None
     seen: set[PurePosixPath] = set()
     for m in members:
         path = _check_member(m)
@@ -256,9 +260,13 @@ def _check_metadata(stage: Path, name: str, version: str) -> None:
     try:
         meta = json.loads(meta_path.read_bytes())
     except FileNotFoundError:
-        raise VerifyError(ErrorCode.BUNDLE_INVALID, f"bundle has no {BUNDLE_METADATA}", "rebuild it") from None
+        raise VerifyError(
+            ErrorCode.BUNDLE_INVALID, f"bundle has no {BUNDLE_METADATA}", "rebuild it"
+        ) from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise VerifyError(ErrorCode.BUNDLE_INVALID, f"{BUNDLE_METADATA} is not JSON: {exc}", "rebuild") from None
+        raise VerifyError(
+            ErrorCode.BUNDLE_INVALID, f"{BUNDLE_METADATA} is not JSON: {exc}", "rebuild"
+        ) from None
     if not isinstance(meta, dict) or meta.get("name") != name or str(meta.get("version")) != version:
         got = (meta.get("name"), meta.get("version")) if isinstance(meta, dict) else meta
         raise VerifyError(

@@ -54,6 +54,6 @@ def mosquitto_acl(prefix: str = DEFAULT_PREFIX, operators: tuple[str, ...] = ("o
     lines += [f"pattern read {prefix}/devices/%u/{leaf}" for leaf in DEVICE_READS]
     lines += [f"pattern write {prefix}/devices/%u/{leaf}" for leaf in DEVICE_WRITES]
     for op in operators:
-        lines += ["", f"# operator identity: writes desired state, reads every report", f"user {op}"]
+        lines += ["", "# operator identity: writes desired state, reads every report", f"user {op}"]
         lines += [f"topic readwrite {prefix}/#"]
     return "\n".join(lines) + "\n"

@@ -29,13 +29,17 @@ def _info(name: str, size: int, executable: bool = False) -> tarfile.TarInfo:
     return ti
 
 
-def build(out: Path, name: str, version: str, files: Mapping[str, Path], extra: Mapping[str, Any] | None = None) -> str:
+def build(
+    out: Path, name: str, version: str, files: Mapping[str, Path], extra: Mapping[str, Any] | None = None
+) -> str:
     """Write a bundle to ``out`` from ``{path inside the bundle: source file}``; return its sha256."""
     meta: dict[str, Any] = {
         "format": 1,
         "name": name,
         "version": version,
-        "files": {arc: {"sha256": hash_file(src), "size": src.stat().st_size} for arc, src in sorted(files.items())},
+        "files": {
+            arc: {"sha256": hash_file(src), "size": src.stat().st_size} for arc, src in sorted(files.items())
+        },
         **(extra or {}),
     }
     meta_bytes = json.dumps(meta, sort_keys=True, indent=2).encode() + b"\n"

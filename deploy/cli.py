@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     mc = man.add_parser("create", help="write an (unsigned) manifest for one device and one bundle")
     mc.add_argument("--device", required=True)
     mc.add_argument("--bundle", type=Path, required=True)
-    mc.add_argument("--url", action="append", required=True, help="where the device downloads the bundle (repeatable)")
+    mc.add_argument(
+        "--url", action="append", required=True, help="where the device downloads the bundle (repeatable)"
+    )
     mc.add_argument("--generation", type=int)
     mc.add_argument("--deployment-id")
     mc.add_argument("--valid-for", type=_duration, default=timedelta(days=7))
@@ -114,8 +116,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "create":
         meta = bundle.read_metadata(args.bundle)
         doc = new_manifest(
-            args.device, args.bundle, args.url, name=meta["name"], version=str(meta["version"]),
-            generation=args.generation, deployment_id=args.deployment_id, valid_for=args.valid_for,
+            args.device,
+            args.bundle,
+            args.url,
+            name=meta["name"],
+            version=str(meta["version"]),
+            generation=args.generation,
+            deployment_id=args.deployment_id,
+            valid_for=args.valid_for,
         )
         print(json.dumps(doc, indent=2))
         return 0
@@ -129,8 +137,13 @@ def _dispatch(args: argparse.Namespace) -> int:
             k = mf.load_public_key(path.read_bytes())
             trusted[mf.key_id(k)] = k
         try:
-            m = mf.verify(args.envelope.read_bytes().strip(), trusted, device_id=args.device, now=datetime.now(UTC),
-                          last_generation=args.last_generation)
+            m = mf.verify(
+                args.envelope.read_bytes().strip(),
+                trusted,
+                device_id=args.device,
+                now=datetime.now(UTC),
+                last_generation=args.last_generation,
+            )
         except ManifestRefused as exc:
             print(json.dumps({"ok": False, **exc.as_dict()}))
             return 1
@@ -140,7 +153,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from deploy.publisher import OperatorClient
 
         host, _, port = args.broker.rpartition(":")
-        with OperatorClient(host, int(port), ca=args.ca, cert=args.cert, key=args.key, prefix=args.prefix) as op:
+        with OperatorClient(
+            host, int(port), ca=args.ca, cert=args.cert, key=args.key, prefix=args.prefix
+        ) as op:
             op.publish_manifest(args.device, args.envelope.read_bytes().strip())
         print(json.dumps({"published": True, "device": args.device}))
         return 0

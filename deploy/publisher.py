@@ -36,9 +36,13 @@ class OperatorClient:
         client_id: str | None = None,
     ) -> None:
         self.prefix = prefix
-        self._client = mqtt.Client(client_id=client_id or f"operator-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
+        self._client = mqtt.Client(
+            client_id=client_id or f"operator-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
+        )
         if ca and cert and key:
-            self._client.tls_set(ca_certs=str(ca), certfile=str(cert), keyfile=str(key), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            self._client.tls_set(
+                ca_certs=str(ca), certfile=str(cert), keyfile=str(key), tls_version=ssl.PROTOCOL_TLS_CLIENT
+            )
         self._cond = threading.Condition()
         self._reports: dict[tuple[str, str], dict[str, Any]] = {}
         self._connected = threading.Event()
@@ -105,5 +109,7 @@ class OperatorClient:
                     return doc
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"{device_id} {kind} did not reach the expected state in {timeout}s; last: {doc}")
+                    raise TimeoutError(
+                        f"{device_id} {kind} did not reach the expected state in {timeout}s; last: {doc}"
+                    )
                 self._cond.wait(left)

@@ -34,7 +34,7 @@ import psutil
 from agent.topics import DEFAULT_PREFIX, mosquitto_acl
 from deploy import pki
 
-__all__ = ["BrokerError", "ClientCert", "Mosquitto", "find_mosquitto"]
+__all__ = ["BrokerError", "ClientCert", "Mosquitto", "find_mosquitto", "free_port"]
 
 log = logging.getLogger(__name__)
 

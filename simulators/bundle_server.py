@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -160,6 +161,7 @@ class _Server(ThreadingHTTPServer):
         self.owner = owner
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
 
     def get_request(self) -> tuple[socket.socket, Any]:
@@ -182,9 +184,12 @@ class _Server(ThreadingHTTPServer):
                 sock.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that hangs up mid-transfer is expected here (tests cut connections on purpose);
-        # anything else is a bug worth a traceback, in the log rather than on stderr.
-        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+        # A client that hangs up or fails its TLS handshake is expected here (tests cut connections
+        # on purpose); anything else is a bug worth a traceback, in the log rather than on stderr.
+        if isinstance(sys.exc_info()[1], OSError):
+            log.debug("connection from %s ended with an error", client_address, exc_info=True)
+        else:
+            log.exception("bundle server: error while serving %s", client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -485,6 +490,7 @@ class BundleServer:
 
     def set_fault(self, name: str, fault: Fault | None) -> None:
         """Attach ``fault`` to the file ``name`` (None removes it); its counters start from zero."""
+        name = name.lstrip("/")
         with self._lock:
             if fault is None:
                 self._faults.pop(name, None)
@@ -509,6 +515,7 @@ class BundleServer:
 
     def counts(self, name: str, method: str | None = None) -> int:
         """How many requests (of ``method``, or any) were made for the file ``name``."""
+        name = name.lstrip("/")
         with self._lock:
             return sum(1 for r in self._requests if r.name == name and (method is None or r.method == method))
 

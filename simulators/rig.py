@@ -49,7 +49,9 @@ def to_toml(cfg: Mapping[str, Any]) -> str:
 class AgentProcess:
     """One real agent: ``python -m agent.cli run --config FILE`` with its own state directory."""
 
-    def __init__(self, rig: Rig, device_id: str, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    def __init__(
+        self, rig: Rig, device_id: str, overrides: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> None:
         self.rig = rig
         self.device_id = device_id
         self.dir = rig.workdir / "devices" / device_id
@@ -58,11 +60,24 @@ class AgentProcess:
         cfg: dict[str, Any] = {
             "device_id": device_id,
             "state_dir": str(self.dir / "state"),
-            "mqtt": {"host": rig.broker.host, "port": rig.broker.port, "ca": str(cert.ca_path),
-                     "cert": str(cert.cert_path), "key": str(cert.key_path), "prefix": rig.broker.prefix,
-                     "reconnect_min": 0.2, "reconnect_max": 2.0},
+            "mqtt": {
+                "host": rig.broker.host,
+                "port": rig.broker.port,
+                "ca": str(cert.ca_path),
+                "cert": str(cert.cert_path),
+                "key": str(cert.key_path),
+                "prefix": rig.broker.prefix,
+                "reconnect_min": 0.2,
+                "reconnect_max": 2.0,
+            },
             "trust": {"keys": [str(rig.pubkey_path)]},
-            "download": {"timeout": 5.0, "retries": 3, "backoff_min": 0.1, "backoff_max": 0.5, "disk_margin": 1 << 20},
+            "download": {
+                "timeout": 5.0,
+                "retries": 3,
+                "backoff_min": 0.1,
+                "backoff_max": 0.5,
+                "disk_margin": 1 << 20,
+            },
         }
         for section, values in (overrides or {}).items():
             if isinstance(values, Mapping):
@@ -82,7 +97,9 @@ class AgentProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config_path)],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
         )
         log.close()
@@ -144,8 +161,14 @@ class Rig:
         self.broker.start()
         self.server.start()
         cert = self.broker.client_cert("operator")
-        self.operator = OperatorClient(self.broker.host, self.broker.port, ca=cert.ca_path, cert=cert.cert_path,
-                                       key=cert.key_path, prefix=self.broker.prefix)
+        self.operator = OperatorClient(
+            self.broker.host,
+            self.broker.port,
+            ca=cert.ca_path,
+            cert=cert.cert_path,
+            key=cert.key_path,
+            prefix=self.broker.prefix,
+        )
         self.operator.connect()
         return self
 
@@ -169,7 +192,9 @@ class Rig:
         assert self.operator is not None, "rig not started"
         return self.operator
 
-    def add_device(self, device_id: str, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> AgentProcess:
+    def add_device(
+        self, device_id: str, overrides: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> AgentProcess:
         agent = AgentProcess(self, device_id, overrides)
         self.agents[device_id] = agent
         return agent
@@ -190,9 +215,13 @@ class Rig:
     def manifest(self, device_id: str, bundle_path: Path, generation: int, **over: Any) -> dict[str, Any]:
         meta = bundle.read_metadata(bundle_path)
         doc = new_manifest(
-            device_id, bundle_path, [self.server.url_for(bundle_path.name)], name=meta["name"],
+            device_id,
+            bundle_path,
+            [self.server.url_for(bundle_path.name)],
+            name=meta["name"],
             version=str(meta["version"]),
-            generation=generation, deployment_id=f"dep-{generation}",
+            generation=generation,
+            deployment_id=f"dep-{generation}",
         )
         for k, v in over.items():
             if k == "image":
@@ -210,7 +239,9 @@ class Rig:
     def deploy(self, device_id: str, doc: Mapping[str, Any]) -> None:
         self.publish(device_id, self.sign(doc))
 
-    def wait_status(self, device_id: str, predicate: StatusPredicate, timeout: float = 30.0) -> dict[str, Any]:
+    def wait_status(
+        self, device_id: str, predicate: StatusPredicate, timeout: float = 30.0
+    ) -> dict[str, Any]:
         try:
             return self.op.wait_for(device_id, predicate, timeout)
         except TimeoutError as exc:

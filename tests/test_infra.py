@@ -204,6 +204,7 @@ def test_kill_and_restart_keep_port_certificates_and_retained_messages(
         while (db.stat().st_mtime_ns if db.exists() else None) == before:
             assert time.monotonic() < deadline, "the broker never saved its database"
             time.sleep(0.01)
+        operator.close()
 
         broker.kill()
         assert not broker.running
@@ -216,6 +217,7 @@ def test_kill_and_restart_keep_port_certificates_and_retained_messages(
         device.subscribe("edge/devices/dev-9/desired")
         message = device.expect("edge/devices/dev-9/desired")
         assert message.payload == b"manifest-9" and message.retain
+        device.close()  # before the broker goes: a client left behind would wait to reconnect
     assert not broker.running
 
 

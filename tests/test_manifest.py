@@ -72,7 +72,10 @@ def test_refusals() -> None:
     tampered = dict(env, payload=base64.b64encode(mf.canonical_json(doc(generation=99))).decode())
     refused(mf.canonical_json(tampered), ErrorCode.MANIFEST_BAD_SIGNATURE)
     # a forged signature under the trusted key id
-    forged = dict(env, signatures=[{"keyid": env["signatures"][0]["keyid"], "sig": base64.b64encode(b"\0" * 64).decode()}])
+    forged = dict(
+        env,
+        signatures=[{"keyid": env["signatures"][0]["keyid"], "sig": base64.b64encode(b"\0" * 64).decode()}],
+    )
     refused(mf.canonical_json(forged), ErrorCode.MANIFEST_BAD_SIGNATURE)
     refused(mf.sign(doc(generation="five"), KEY), ErrorCode.MANIFEST_SCHEMA)
     refused(mf.sign(doc(extra=1), KEY), ErrorCode.MANIFEST_SCHEMA)

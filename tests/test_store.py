@@ -15,7 +15,9 @@ from agent.store import BundleStore
 from deploy import bundle
 
 
-def make_bundle(tmp: Path, name: str = "img", version: str = "1", payload: bytes = b"model") -> tuple[Path, str]:
+def make_bundle(
+    tmp: Path, name: str = "img", version: str = "1", payload: bytes = b"model"
+) -> tuple[Path, str]:
     tmp.mkdir(parents=True, exist_ok=True)
     src = tmp / f"model-{version}.onnx"
     src.write_bytes(payload)
