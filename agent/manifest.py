@@ -127,20 +127,21 @@ def sign(manifest: Mapping[str, Any], private_key: Ed25519PrivateKey) -> bytes:
 
 
 @cache
-def schema() -> dict[str, Any]:
-    text = resources.files("agent").joinpath("schemas/manifest.schema.json").read_text()
+def schema(name: str = "manifest") -> dict[str, Any]:
+    """A JSON Schema shipped in the package: ``manifest`` or ``status``."""
+    text = resources.files("agent").joinpath(f"schemas/{name}.schema.json").read_text()
     doc: dict[str, Any] = json.loads(text)
     return doc
 
 
 @cache
-def _validator() -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(schema())
+def _validator(name: str = "manifest") -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(schema(name))
 
 
-def schema_error(doc: Any) -> str | None:
-    """The first JSON Schema violation of a manifest document, as "path: message", or None."""
-    errors = sorted(_validator().iter_errors(doc), key=lambda e: list(e.absolute_path))
+def schema_error(doc: Any, name: str = "manifest") -> str | None:
+    """The first violation of a shipped schema by a document, as "path: message", or None."""
+    errors = sorted(_validator(name).iter_errors(doc), key=lambda e: list(e.absolute_path))
     if not errors:
         return None
     where = "/".join(str(p) for p in errors[0].absolute_path) or "(top level)"

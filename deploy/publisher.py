@@ -47,7 +47,9 @@ class OperatorClient:
         self._reports: dict[tuple[str, str], dict[str, Any]] = {}
         self._connected = threading.Event()
         self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.reconnect_delay_set(min_delay=1, max_delay=10)
         self._host, self._port = host, port
 
     def __enter__(self) -> OperatorClient:
@@ -75,6 +77,9 @@ class OperatorClient:
             client.subscribe(f"{self.prefix}/devices/+/inventory", qos=1)
             self._connected.set()
 
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _rc: Any, _p: Any = None) -> None:
+        self._connected.clear()  # paho's loop thread reconnects by itself
+
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         parts = msg.topic.split("/")
         if len(parts) != 4:
@@ -88,6 +93,8 @@ class OperatorClient:
             self._cond.notify_all()
 
     def publish_manifest(self, device_id: str, envelope: bytes, timeout: float = 10.0) -> None:
+        if not self._connected.wait(timeout):
+            raise TimeoutError(f"not connected to the broker {self._host}:{self._port} for {timeout}s")
         info = self._client.publish(Topics(self.prefix, device_id).desired, envelope, qos=1, retain=True)
         info.wait_for_publish(timeout)
         if not info.is_published():

@@ -45,6 +45,7 @@ class Device:
         gen = self.next_gen()
         self.rig.deploy(DEV, self.rig.manifest(DEV, b, gen))
         status = self.rig.wait_active(DEV, gen)
+        assert mf.schema_error(status, "status") is None, mf.schema_error(status, "status")
         self.active_sha = (
             hash_file(self.rig.server.root / b.name) if b.exists() else status["active"]["sha256"]
         )
@@ -52,6 +53,7 @@ class Device:
         return status
 
     def assert_previous_still_active(self, status: dict[str, Any]) -> None:
+        assert mf.schema_error(status, "status") is None, mf.schema_error(status, "status")
         assert self.active_sha is not None
         assert status["active"]["sha256"] == self.active_sha
         assert self.agent.current_image() == self.active_sha

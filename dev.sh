@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Set everything up on a fresh Debian machine (Python >= 3.11), then run the demo or the tests.
+#
+#   bash dev.sh demo     # local broker + bundle server + 3 real agents: deploy, refuse, update, roll back
+#   bash dev.sh test     # the whole test suite, on real mosquitto brokers, HTTP servers and SQLite files
+#   bash dev.sh setup    # only set up
+#
+# Idempotent: a second run reuses .venv and skips what is installed.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+need_apt=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+PY=""
+for c in python3.13 python3.12 python3.11 python3; do
+  if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    PY=$(command -v "$c"); break
+  fi
+done
+[ -n "$PY" ] || need_apt+=(python3 python3-venv)
+if [ -n "$PY" ] && ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then need_apt+=(python3-venv); fi
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "installing Debian packages: ${need_apt[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  [ -n "$PY" ] || PY=$(command -v python3)
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  rm -f .venv/.installed-*; touch "$stamp"
+fi
+
+case "${1:-setup}" in
+  setup) echo "ready: .venv/bin/edge-agent, .venv/bin/edge-deploy, .venv/bin/edge-sim" ;;
+  demo) shift; exec .venv/bin/edge-sim demo "$@" ;;
+  test) shift; exec .venv/bin/python -m pytest -n 2 --dist loadfile "$@" ;;
+  *) echo "usage: bash dev.sh [setup|demo|test]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,33 @@
+"""The README's demo, as a new user runs it (edge-sim demo), must keep working."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simulators.cli",
+            "demo",
+            "--devices",
+            "2",
+            "--workdir",
+            str(tmp_path / "demo"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert out.count("runs image demo-model:1") == 4  # deployed, then rolled back, on 2 devices
+    assert out.count("runs image demo-model:2") == 2
+    assert "refused it: manifest_bad_signature" in out
+    assert "still runs demo-model:1" in out
+    assert "every device's status matches the image on its disk" in out
+    assert not (tmp_path / "demo").exists()  # cleaned up without --keep
