@@ -59,6 +59,8 @@ class DownloadConfig:
     #: Free space that must remain after the bundle and its unpacked copy are on disk.
     disk_margin: int = 64 * 1024 * 1024
     chunk_size: int = 1024 * 1024
+    #: CA bundle (PEM) for HTTPS bundle servers signed by a private CA; default: the system's roots.
+    ca: Path | None = None
 
 
 @dataclass
@@ -106,6 +108,8 @@ class AgentConfig:
             raise ConfigError("download.retries", "must be >= 1")
         if self.download.timeout <= 0:
             raise ConfigError("download.timeout", "must be > 0")
+        if self.download.ca is not None and not self.download.ca.is_file():
+            raise ConfigError("download.ca", f"file {self.download.ca} does not exist")
         if self.download.chunk_size < 4096:
             raise ConfigError("download.chunk_size", "must be >= 4096")
         if self.store.keep_images < 2:
@@ -215,5 +219,7 @@ def load(path: Path | None, env: Mapping[str, str] | None = None) -> AgentConfig
             if p is not None:
                 setattr(cfg.mqtt, name, base / p)
         cfg.trust.keys = [base / p for p in cfg.trust.keys]
+        if cfg.download.ca is not None:
+            cfg.download.ca = base / cfg.download.ca
     cfg.validate()
     return cfg

@@ -165,6 +165,7 @@ class Deployer:
                 while self._pending is None and not self._stopping:
                     self._wake.wait()
                 if self._stopping:
+                    self.db.set_meta("clean_stop", True)
                     return
                 assert self._pending is not None
                 m, sha = self._pending
@@ -175,13 +176,19 @@ class Deployer:
             self._drive(m, S.RECEIVED)
 
     def recover(self) -> None:
+        """Resume the latest deployment if the agent stopped in the middle of it. Only stops that were
+        not clean (a crash, SIGKILL, power loss) count towards MAX_RECOVERIES."""
+        clean = bool(self.db.get_meta("clean_stop"))
+        self.db.set_meta("clean_stop", False)
         row = self.db.latest()
         if row is None or State(row.state) in TERMINAL:
             self._publish()
             return
         m = mf.Manifest.from_payload(row.payload, row.keyid)
-        n = self.db.count_recovery(row.generation)
-        log.warning("deployment.recovering", generation=row.generation, state=row.state, recoveries=n)
+        n = row.recoveries if clean else self.db.count_recovery(row.generation)
+        log.warning(
+            "deployment.recovering", generation=row.generation, state=row.state, recoveries=n, clean=clean
+        )
         state = State(row.state)
         if n > MAX_RECOVERIES and state != S.ACTIVATING:
             err = DeploymentError(
@@ -200,11 +207,12 @@ class Deployer:
                 event = self._work(m, state)
             except DeploymentError as exc:
                 if exc.code == ErrorCode.SUPERSEDED and self._stopping:
-                    return  # shutting down mid-download: stay in this state, resume at the next start
+                    # shutting down mid-download: stay in this state, resume at the next start
+                    self.db.set_meta("clean_stop", True)
+                    return
                 event, err = E.FAIL, exc
-            except (
-                Exception
-            ) as exc:  # a bug or an OS error we did not foresee: fail this deployment, not the agent
+            # A bug or an OS error we did not foresee fails this deployment, not the agent.
+            except Exception as exc:
                 log.error("deployment.unexpected_error", exc_info=True, state=str(state))
                 event, err = (
                     E.FAIL,

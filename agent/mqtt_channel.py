@@ -167,4 +167,7 @@ class MqttChannel:
         if not msg.payload:
             log.info("mqtt.desired_cleared")
             return
-        self._on_desired(bytes(msg.payload))
+        try:
+            self._on_desired(bytes(msg.payload))
+        except Exception:  # an exception here would stop paho's loop: log it and keep the connection
+            log.error("mqtt.desired_handler_failed", exc_info=True)

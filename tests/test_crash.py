@@ -161,3 +161,29 @@ def test_crash_loop_fails_the_deployment_keeping_the_old_image(rig: Rig) -> None
     assert status["error"]["code"] == "interrupted"
     assert status["active"]["sha256"] == old == agent.current_image()
     assert agent.running
+
+
+def test_clean_stops_mid_download_resume_and_do_not_count_as_crashes(rig: Rig) -> None:
+    """systemd stopping the agent (SIGTERM) during a long download is not a crash: it resumes every
+    time, however often it happens."""
+    device = "clean-stop"
+    agent, _, _ = start_v1(rig, device)
+    b2 = rig.build_bundle(f"{device}-img", "2", {"model.onnx": bytes(range(256)) * 8192})
+    doc = rig.manifest(device, b2, 2)
+    rig.server.set_fault(b2.name, Fault(rate_bytes_per_s=256 * 1024))
+    partial = agent.state_dir / "store" / "downloads" / f"{doc['image']['sha256']}.partial"
+    rig.deploy(device, doc)
+    try:
+        for _ in range(MAX_RECOVERIES + 2):
+            size = partial.stat().st_size if partial.exists() else 0
+            assert wait_until(
+                lambda s=size: partial.exists() and partial.stat().st_size > s + 64 * 1024, timeout=20
+            )
+            assert agent.stop() == 0, agent.log_text()[-2000:]
+            agent.start()
+    finally:
+        rig.server.set_fault(b2.name, None)
+    status = rig.wait_active(device, 2, timeout=60)
+    assert status["active"]["sha256"] == doc["image"]["sha256"] == agent.current_image()
+    ranges = [r.range for r in rig.server.requests if r.name == b2.name and r.method == "GET"]
+    assert sum(1 for r in ranges if r) >= MAX_RECOVERIES + 2  # every restart resumed
