@@ -14,18 +14,27 @@ What one run measures, per variant, exactly as the agent does it:
 3. ``BundleStore(root, fsync=...).install(digest, partial, name, version)``: safe unpack into
    ``images/<sha256>/`` (``copy_file_range``), with every file and directory fsynced when
    ``fsync=True`` (the agent's default, crash-safe) and without fsync when ``fsync=False`` (to show
-   what durability costs).
+   what durability costs). The installed image is deleted after each run.
 
 The baseline, in the same run and over the same bundle file, is a plain ``hashlib.sha256`` pass
 (4 MiB ``readinto`` reads into one preallocated buffer) with the page cache warm. The figure of
-merit is ``variant throughput / baseline throughput`` on medians; the target is >= 0.8.
+merit is ``variant throughput / baseline throughput`` on medians; the target is >= 0.8. Throughput
+is always the bundle's size divided by the wall time of the step, phases included.
+
+Besides wall time, each step records the process's CPU time (user and system, all threads: the
+in-process HTTP server's ``sendfile`` counts too), which shows how busy the cores were; the download
+phase's CPU is also split by thread (receiver, HTTP server, sha256). The machine-wide CPU time used
+by everything else during the runs, and the hypervisor's steal time, are printed too, to tell a
+noisy neighbour from the code's own variance.
 
 The model file is ``os.urandom`` bytes, so nothing compresses or deduplicates. The work directory
-(``--workdir``) holds the served bundle and the store; keep it on the filesystem you want to measure.
-Nothing is tuned to hide noise (no CPU pinning, no governor changes): the server thread, the
-downloading thread and the hashing thread all share the machine's cores, so on a small machine they
-compete. The only isolation step is an ``os.sync()`` (outside the timed region) before each timed
-run, so that a run does not pay for writeback of files written by the set-up or an earlier run.
+(``--workdir``) holds the served bundle and the store; put it on the filesystem you want to measure.
+Nothing is tuned to hide noise (no CPU pinning, no governor changes, no warm-up runs dropped): the
+server thread, the downloading thread and the hashing thread share the machine's cores, so on a
+small machine they compete. Two steps keep the runs independent: an ``os.sync()`` before each timed
+step (outside the timing) so that no step pays for writeback of files written by the set-up or an
+earlier step, and the order of the two variants alternates from run to run so that an effect of
+position (what ran just before) does not always land on the same variant.
 """
 
 from __future__ import annotations
@@ -35,13 +44,14 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import shutil
 import ssl
 import statistics
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,35 +74,99 @@ BUNDLE_NAME = "bench-model"
 BUNDLE_VERSION = "1"
 
 
+@dataclass(frozen=True)
+class Stamp:
+    """A point in time: wall clock and the process's CPU time so far (all threads)."""
+
+    wall: float
+    user: float
+    sys: float
+
+    @staticmethod
+    def now() -> Stamp:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return Stamp(time.perf_counter(), ru.ru_utime, ru.ru_stime)
+
+
 @dataclass
 class Samples:
-    """Wall-clock seconds of each run of one measurement."""
+    """One measurement over N runs: wall, user CPU and system CPU seconds of each run."""
 
-    seconds: list[float] = field(default_factory=list)
+    wall: list[float] = field(default_factory=list)
+    user: list[float] = field(default_factory=list)
+    sys: list[float] = field(default_factory=list)
+
+    def add(self, start: Stamp, end: Stamp) -> None:
+        self.wall.append(end.wall - start.wall)
+        self.user.append(end.user - start.user)
+        self.sys.append(end.sys - start.sys)
 
     def mib_s(self, size: int) -> list[float]:
-        return [size / MIB / s for s in self.seconds]
+        return [size / MIB / s for s in self.wall]
+
+    def median_mib_s(self, size: int) -> float:
+        return statistics.median(self.mib_s(size))
 
     def summary(self, size: int) -> dict[str, Any]:
         rates = self.mib_s(size)
         return {
-            "median_s": statistics.median(self.seconds),
-            "median_mib_s": statistics.median(rates),
-            "min_mib_s": min(rates),
-            "max_mib_s": max(rates),
-            "runs_s": [round(s, 4) for s in self.seconds],
+            "median_mib_s": round(statistics.median(rates), 1),
+            "min_mib_s": round(min(rates), 1),
+            "max_mib_s": round(max(rates), 1),
+            "median_wall_s": round(statistics.median(self.wall), 4),
+            "median_user_s": round(statistics.median(self.user), 4),
+            "median_sys_s": round(statistics.median(self.sys), 4),
+            "runs_wall_s": [round(s, 4) for s in self.wall],
         }
 
 
 @dataclass
 class Variant:
-    """The measured path with one store setting: total time and the time of each phase."""
+    """The measured path with one store setting: the whole path and each of its phases."""
 
     name: str
+    key: str
     fsync: bool
     total: Samples = field(default_factory=Samples)
     download: Samples = field(default_factory=Samples)  # download + hash on the way in + verify
     unpack: Samples = field(default_factory=Samples)  # install: unpack (+ fsync)
+    #: CPU seconds (user + sys) of each run's download phase, by thread (see THREAD_ROLES).
+    download_threads: dict[str, list[float]] = field(default_factory=dict)
+
+
+#: The threads of the download phase. The receiver is the thread calling fetch() (recv, h11 parsing,
+#: writing the partial file); the server's handler thread serves the connection with sendfile(2); the
+#: sha256 thread ends within the phase, so it is what the process used beyond the other two.
+THREAD_ROLES = ("receiver (fetch: recv, h11, write)", "HTTP server (sendfile)", "sha256 thread and rest")
+
+
+def thread_cpu() -> dict[int, float]:
+    """CPU seconds (user + sys) of each live thread of this process, by native id (Linux /proc;
+    clock-tick resolution, 10 ms on most systems)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def split_by_thread(before: dict[int, float], after: dict[int, float], process_cpu: float) -> list[float]:
+    """The CPU of one phase by THREAD_ROLES, from thread_cpu() before and after it."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    me = threading.get_native_id()
+    receiver = server = 0.0
+    for tid, cpu in after.items():
+        delta = cpu - before.get(tid, 0.0)
+        if tid == me:
+            receiver += delta
+        elif "process_request" in names.get(tid, ""):  # socketserver's per-connection thread
+            server += delta
+    return [receiver, server, max(process_cpu - receiver - server, 0.0)]
 
 
 def sha256_file(path: Path, buf: bytearray) -> str:
@@ -106,7 +180,7 @@ def sha256_file(path: Path, buf: bytearray) -> str:
 
 
 def make_bundle(workdir: Path, size: int) -> tuple[Path, str]:
-    """A bundle holding ``size`` bytes of random model data (written in 4 MiB pieces)."""
+    """A bundle holding ``size`` bytes of random model data; returns its path and sha256."""
     src = workdir / "src"
     src.mkdir()
     model = src / "model.bin"
@@ -122,10 +196,13 @@ def make_bundle(workdir: Path, size: int) -> tuple[Path, str]:
     return bundle, digest
 
 
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def run_baseline(baseline: Samples, bundle: Path, buf: bytearray, expected: str) -> None:
+    os.sync()
+    t0 = Stamp.now()
+    digest = sha256_file(bundle, buf)
+    baseline.add(t0, Stamp.now())
+    if digest != expected:
+        raise SystemExit(f"baseline digest {digest} differs from the bundle's {expected}")
 
 
 def run_variant(
@@ -137,26 +214,40 @@ def run_variant(
     expected: str,
     model_size: int,
 ) -> None:
+    """One download + verify + install, timed per phase; the image is deleted afterwards."""
     partial = store.partial_path(expected)
     image = store.image_dir(expected)
     partial.unlink(missing_ok=True)
     shutil.rmtree(image, ignore_errors=True)
     os.sync()
 
-    t0 = time.perf_counter()
+    threads0 = thread_cpu()
+    t0 = Stamp.now()
     digest = fetcher.fetch([url], partial, size)
     if digest != expected:  # verify, as the agent does before installing
         raise SystemExit(f"digest mismatch: got {digest}, expected {expected}")
-    t1 = time.perf_counter()
+    t1 = Stamp.now()
+    threads1 = thread_cpu()
     store.install(digest, partial, BUNDLE_NAME, BUNDLE_VERSION)
-    t2 = time.perf_counter()
+    t2 = Stamp.now()
 
-    if (image / "model.bin").stat().st_size != model_size:
-        raise SystemExit("unpacked model has the wrong size")
-    variant.download.seconds.append(t1 - t0)
-    variant.unpack.seconds.append(t2 - t1)
-    variant.total.seconds.append(t2 - t0)
-    shutil.rmtree(image)  # between runs: the next install must really unpack
+    if (image / "model.bin").stat().st_size != model_size or partial.exists():
+        raise SystemExit("the install did not produce the expected image")
+    variant.download.add(t0, t1)
+    split = split_by_thread(threads0, threads1, (t1.user - t0.user) + (t1.sys - t0.sys))
+    for role, cpu in zip(THREAD_ROLES, split, strict=True):
+        variant.download_threads.setdefault(role, []).append(cpu)
+    variant.unpack.add(t1, t2)
+    variant.total.add(t0, t2)
+    shutil.rmtree(image)  # the next install must really unpack
+
+
+def system_cpu() -> tuple[float, float]:
+    """Busy and steal CPU seconds of the whole machine so far, from /proc/stat (all processes)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq + steal) / tick, steal / tick
 
 
 def machine() -> dict[str, Any]:
@@ -169,9 +260,9 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return {
-        "nproc": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
+        "nproc": len(os.sched_getaffinity(0)),
         "cpu": cpu,
+        "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30), 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
         "openssl": ssl.OPENSSL_VERSION,
@@ -179,35 +270,53 @@ def machine() -> dict[str, Any]:
 
 
 def fmt_table(size: int, baseline: Samples, variants: list[Variant]) -> str:
-    base = statistics.median(baseline.mib_s(size))
-    rows: list[tuple[str, Samples, Variant | None]] = [
-        ("baseline: hashlib.sha256 of the file", baseline, None)
+    """A Markdown table (readable as plain text too): one row per step, phases indented."""
+    base = baseline.median_mib_s(size)
+    head = [
+        "measurement",
+        "median MiB/s",
+        "min MiB/s",
+        "max MiB/s",
+        "ratio",
+        "median wall ms",
+        "CPU ms user + sys",
     ]
-    for v in variants:
-        rows.append((f"agent path, {v.name}", v.total, v))
-    head = f"{'measurement':<44} {'median MiB/s':>12} {'min':>8} {'max':>8} {'ratio':>6}"
-    lines = [head, "-" * len(head)]
-    for label, s, var in rows:
+    rows: list[list[str]] = []
+
+    def row(label: str, s: Samples, ratio: str) -> None:
         r = s.mib_s(size)
-        med = statistics.median(r)
-        ratio = "" if var is None else f"{med / base:6.2f}"
-        lines.append(f"{label:<44} {med:12.0f} {min(r):8.0f} {max(r):8.0f} {ratio:>6}")
-        if var is not None:
-            for plabel, ps in (
-                ("download + sha256 + verify", var.download),
-                ("unpack (install)", var.unpack),
-            ):
-                pr = ps.mib_s(size)
-                pmed = statistics.median(ps.seconds)
-                lines.append(
-                    f"  {plabel:<42} {statistics.median(pr):12.0f} {min(pr):8.0f} {max(pr):8.0f}"
-                    f"   ({pmed * 1000:.0f} ms median)"
-                )
-    return "\n".join(lines)
+        cpu = f"{statistics.median(s.user) * 1000:.0f} + {statistics.median(s.sys) * 1000:.0f}"
+        rows.append(
+            [
+                label,
+                f"{statistics.median(r):.0f}",
+                f"{min(r):.0f}",
+                f"{max(r):.0f}",
+                ratio,
+                f"{statistics.median(s.wall) * 1000:.0f}",
+                cpu,
+            ]
+        )
+
+    row("baseline: hashlib.sha256 of the file", baseline, "1.00")
+    for v in variants:
+        row(f"agent path, {v.name}", v.total, f"{v.total.median_mib_s(size) / base:.2f}")
+        row("phase 1: download + sha256 + verify", v.download, "")
+        row("phase 2: unpack (install)", v.unpack, "")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(cells: list[str]) -> str:
+        padded = [
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":" if i else "-" * (w + 2)) for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(head), rule, *(line(r) for r in rows)])
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument(
         "--workdir",
         type=Path,
@@ -226,63 +335,85 @@ def main(argv: list[str] | None = None) -> int:
     # A fresh directory (inside --workdir if given), removed afterwards.
     workdir = Path(tempfile.mkdtemp(prefix="bundle-bench-", dir=args.workdir))
     try:
-        return _bench(workdir, args.size_mib * MIB, args.runs, args.json)
+        return bench(workdir, args.size_mib * MIB, args.runs, args.json)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _bench(workdir: Path, model_size: int, runs: int, as_json: bool) -> int:
+def bench(workdir: Path, model_size: int, runs: int, as_json: bool) -> int:
     print(f"building a {model_size // MIB} MiB bundle of random bytes in {workdir} ...", file=sys.stderr)
     bundle, expected = make_bundle(workdir, model_size)
     size = bundle.stat().st_size
 
     buf = bytearray(READ_SIZE)
-    if sha256_file(bundle, buf) != expected:  # also warms the page cache for the baseline
-        raise SystemExit("baseline digest differs from the bundle's digest")
+    sha256_file(bundle, buf)  # warm the page cache for the baseline (the server reads it from there too)
 
-    variants = [Variant("fsync=True (default)", True), Variant("fsync=False", False)]
-    stores = {v.name: BundleStore(workdir / "store", fsync=v.fsync) for v in variants}
+    variants = [Variant("fsync=True (default)", "fsync", True), Variant("fsync=False", "no_fsync", False)]
+    stores = {v.key: BundleStore(workdir / "store", fsync=v.fsync) for v in variants}
     baseline = Samples()
     with BundleServer(bundle.parent) as server:
         url = server.url_for(bundle.name)
         fetcher = Fetcher(DownloadConfig())
+        busy0, steal0 = system_cpu()
+        own0 = Stamp.now()
         try:
             for i in range(runs):
-                os.sync()
-                baseline.seconds.append(timed(lambda: sha256_file(bundle, buf)))
-                for v in variants:
-                    run_variant(v, fetcher, stores[v.name], url, size, expected, model_size)
+                run_baseline(baseline, bundle, buf, expected)
+                for v in variants[i % 2 :] + variants[: i % 2]:
+                    run_variant(v, fetcher, stores[v.key], url, size, expected, model_size)
                 print(f"run {i + 1}/{runs} done", file=sys.stderr)
         finally:
             fetcher.close()
+        busy1, steal1 = system_cpu()
+        own1 = Stamp.now()
+    # What else ran meanwhile: the machine's busy CPU time minus this process's. That includes kernel
+    # threads working for us (disk writeback, journal commits), so it is an upper bound of the noise.
+    others = max((busy1 - busy0) - ((own1.user - own0.user) + (own1.sys - own0.sys)), 0.0)
+    span = own1.wall - own0.wall
+    background = {"other_processes_cores": round(others / span, 2), "steal_s": round(steal1 - steal0, 2)}
 
     info = machine()
     print(
-        f"\nbundle {size / MIB:.1f} MiB, {runs} runs; {info['nproc']} CPUs ({info['cpu']}), "
-        f"kernel {info['kernel']}, Python {info['python']}, {info['openssl']}"
+        f"\nbundle {size / MIB:.1f} MiB, {runs} runs each; {info['nproc']} CPUs ({info['cpu']}), "
+        f"{info['mem_gib']} GiB, kernel {info['kernel']}, Python {info['python']}, {info['openssl']}\n"
     )
     print(fmt_table(size, baseline, variants))
-    base_med = statistics.median(baseline.mib_s(size))
-    print(f"\nratio = median agent-path throughput / median sha256 throughput; target >= {TARGET_RATIO}")
+    print(f"\nphase 1 CPU by thread, median ms ({info['nproc']} cores x wall = the CPU time available):")
     for v in variants:
-        ratio = statistics.median(v.total.mib_s(size)) / base_med
-        verdict = "meets" if ratio >= TARGET_RATIO else "below"
-        print(f"  {v.name:<22} {ratio:.2f}  ({verdict} target)")
+        by_thread = ", ".join(
+            f"{role} {statistics.median(c) * 1000:.0f}" for role, c in v.download_threads.items()
+        )
+        available = info["nproc"] * statistics.median(v.download.wall) * 1000
+        print(f"  {v.name:<22} {by_thread}; available {available:.0f}")
+    print(
+        f"\nbackground load during the runs: other processes and kernel threads used "
+        f"{background['other_processes_cores']:.2f} cores on average; "
+        f"hypervisor steal {background['steal_s']:.2f} s over {span:.1f} s"
+    )
+    base_med = baseline.median_mib_s(size)
+    print(f"\nratio = median agent-path MiB/s / median sha256 MiB/s; target >= {TARGET_RATIO}")
+    for v in variants:
+        ratio = v.total.median_mib_s(size) / base_med
+        print(f"  {v.name:<22} {ratio:.2f}  ({'meets' if ratio >= TARGET_RATIO else 'below'} the target)")
 
     if as_json:
         doc: dict[str, Any] = {
             "benchmark": "bundle_throughput",
             "bundle_bytes": size,
             "runs": runs,
+            "background": background,
             "target_ratio": TARGET_RATIO,
             "machine": info,
             "baseline_sha256": baseline.summary(size),
             "variants": {
-                ("fsync" if v.fsync else "no_fsync"): {
+                v.key: {
+                    "ratio": round(v.total.median_mib_s(size) / base_med, 3),
                     "total": v.total.summary(size),
                     "download_hash_verify": v.download.summary(size),
+                    "download_cpu_by_thread_median_s": {
+                        role: round(statistics.median(c), 3) for role, c in v.download_threads.items()
+                    },
                     "unpack": v.unpack.summary(size),
-                    "ratio": statistics.median(v.total.mib_s(size)) / base_med,
                 }
                 for v in variants
             },
