@@ -15,6 +15,7 @@ import hashlib
 import os
 import queue
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,7 +39,9 @@ ProgressFn = Callable[[int, int], None]
 #: a class attribute, so it applies to every HTTP/1.1 connection of the process (the agent's only httpx
 #: user is this module). Measured in docs/benchmarks.md.
 READ_SIZE = 1 << 20
-if httpcore.HTTP11Connection.READ_NUM_BYTES < READ_SIZE:
+if (
+    getattr(httpcore.HTTP11Connection, "READ_NUM_BYTES", READ_SIZE) < READ_SIZE
+):  # absent in a future httpcore: skip
     httpcore.HTTP11Connection.READ_NUM_BYTES = READ_SIZE
 
 #: Largest single write(2) to the partial file. Writes of 1 MiB and more let the kernel (Linux 6.x,
@@ -127,6 +130,7 @@ class Fetcher:
         self.cfg = cfg
         self._client = client or httpx.Client(
             timeout=httpx.Timeout(cfg.timeout),
+            verify=ssl.create_default_context(cafile=str(cfg.ca)) if cfg.ca else True,
             follow_redirects=True,
             headers={"Accept-Encoding": "identity", "User-Agent": "edge-agent"},
         )
