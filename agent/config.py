@@ -70,6 +70,38 @@ class StoreConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    #: Tried in this order among the providers this onnxruntime build has; CPU is always the last resort.
+    execution_providers: list[str] = field(
+        default_factory=lambda: [
+            "VitisAIExecutionProvider", "OpenVINOExecutionProvider", "TensorrtExecutionProvider",
+            "CUDAExecutionProvider", "CPUExecutionProvider",
+        ]
+    )  # fmt: skip
+    #: Set on purpose, never left to onnxruntime's default (all cores): the agent shares the device.
+    intra_op_num_threads: int = 1
+    inter_op_num_threads: int = 1
+    #: score.py worker processes per image, and their per-request and init() timeouts.
+    workers: int = 1
+    request_timeout: float = 30.0
+    init_timeout: float = 120.0
+    #: Models whose inferences take less than this run on the API's event loop (no thread hop).
+    inline_max_ms: float = 5.0
+
+
+@dataclass
+class ApiConfig:
+    enabled: bool = True
+    #: ``HOST:PORT`` or ``unix:/path``. Loopback by default: exposing it is an explicit choice.
+    listen: str = "127.0.0.1:8080"
+    #: A file holding a bearer token that every request (but the health checks) must carry.
+    token_file: Path | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    #: Threads for score.py calls and slow models.
+    threads: int = 4
+
+
+@dataclass
 class AgentConfig:
     device_id: str = ""
     state_dir: Path = Path("/var/lib/edge-agent")
@@ -78,6 +110,8 @@ class AgentConfig:
     trust: TrustConfig = field(default_factory=TrustConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
 
     def validate(self) -> None:
         if not self.device_id:
@@ -114,6 +148,21 @@ class AgentConfig:
             raise ConfigError("download.chunk_size", "must be >= 4096")
         if self.store.keep_images < 2:
             raise ConfigError("store.keep_images", "must be >= 2 (the active image and one to roll back to)")
+        for name in ("intra_op_num_threads", "inter_op_num_threads"):
+            if not 0 <= getattr(self.runtime, name) <= 256:
+                raise ConfigError(f"runtime.{name}", "must be between 0 (onnxruntime decides) and 256")
+        if self.runtime.workers < 1:
+            raise ConfigError("runtime.workers", "must be >= 1")
+        if self.runtime.request_timeout <= 0 or self.runtime.init_timeout <= 0:
+            raise ConfigError("runtime.request_timeout", "timeouts must be > 0")
+        if not self.api.listen.startswith("unix:"):
+            host, sep, port = self.api.listen.rpartition(":")
+            if not sep or not host or not port.isdigit() or int(port) > 65535:
+                raise ConfigError("api.listen", f"{self.api.listen!r} is neither HOST:PORT nor unix:/path")
+        if self.api.token_file is not None and not self.api.token_file.is_file():
+            raise ConfigError("api.token_file", f"file {self.api.token_file} does not exist")
+        if self.api.max_body_bytes < 1024:
+            raise ConfigError("api.max_body_bytes", "must be >= 1024")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level", "must be one of debug, info, warning, error")
 
@@ -221,5 +270,7 @@ def load(path: Path | None, env: Mapping[str, str] | None = None) -> AgentConfig
         cfg.trust.keys = [base / p for p in cfg.trust.keys]
         if cfg.download.ca is not None:
             cfg.download.ca = base / cfg.download.ca
+        if cfg.api.token_file is not None:
+            cfg.api.token_file = base / cfg.api.token_file
     cfg.validate()
     return cfg

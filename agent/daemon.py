@@ -16,6 +16,7 @@ from agent.errors import ConfigError
 from agent.fetch import Fetcher
 from agent.log import get_logger
 from agent.mqtt_channel import MqttChannel
+from agent.serving import Serving
 from agent.state import StateDB
 from agent.store import BundleStore
 
@@ -43,6 +44,7 @@ class Agent:
         self.store = BundleStore(cfg.state_dir / "store", keep_images=cfg.store.keep_images)
         self.fetcher = Fetcher(cfg.download)
         self.channel = MqttChannel(cfg.device_id, cfg.mqtt)
+        self.serving = Serving(cfg)
         self.deployer = Deployer(
             cfg.device_id,
             self.db,
@@ -51,11 +53,19 @@ class Agent:
             load_trusted_keys(cfg),
             self.channel.report_status,
             cfg.download.disk_margin,
+            activator=self.serving,
         )
         self._stop = threading.Event()
 
     def _on_connect(self) -> None:
-        self.channel.report_inventory(inventory.collect(self.cfg.device_id, self.cfg.state_dir))
+        inv = inventory.collect(self.cfg.device_id, self.cfg.state_dir)
+        inv["runtime"] = {
+            **self.serving.describe(),
+            "execution_providers_preference": self.cfg.runtime.execution_providers,
+            "intra_op_num_threads": self.cfg.runtime.intra_op_num_threads,
+            "inter_op_num_threads": self.cfg.runtime.inter_op_num_threads,
+        }
+        self.channel.report_inventory(inv)
         self.channel.report_status(self.deployer.status_document())
 
     def run(self) -> int:
@@ -72,6 +82,10 @@ class Agent:
             state_dir=str(self.cfg.state_dir),
             trusted_keys=len(self.deployer.trusted_keys),
         )
+        active = self.store.active()
+        row = self.db.last_active_with_digest(active) if active else None
+        override = dict(mf.Manifest.from_payload(row.payload).runtime) if row else None
+        self.serving.start(self.store.image_dir(active) if active else None, override)
         worker = threading.Thread(target=self.deployer.run, name="deployer", daemon=True)
         # Resume an interrupted deployment before taking new manifests: the worker recovers first,
         # and manifests that arrive meanwhile wait in the deployer's intake.
@@ -83,6 +97,7 @@ class Agent:
                 return 1
         self.deployer.stop()
         worker.join(timeout=10.0)
+        self.serving.stop()
         self.channel.stop()
         self.fetcher.close()
         self.db.close()

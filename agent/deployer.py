@@ -10,9 +10,12 @@ deployment is resumed from the state it was in; every state's work is idempotent
     downloading  -> (all bytes, resumable by Range)  verifying
     verifying    -> (sha256 matches the manifest)    installing
     installing   -> (safely unpacked, fsynced)       activating
-    activating   -> (``current`` switched)           active
+    activating   -> (loaded beside the serving image,
+                     smoke-tested, ``current`` and
+                     traffic switched)               active
     any of the above -> (an error)                   failed       the previous image stays active
-    activating   -> (an error after the switch)      rolled_back  ``current`` restored
+    activating   -> (load or smoke test failed, or
+                     an error after the switch)      rolled_back  the previous image serves
 
 Manifests are verified as they arrive (on the control channel's thread: verification is pure and
 takes microseconds), so a refusal is reported at once, even while a deployment is in progress. A
@@ -26,7 +29,8 @@ import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -84,6 +88,22 @@ MAX_RECOVERIES = 3
 StatusSink = Callable[[dict[str, Any]], None]
 
 
+class Activator(Protocol):
+    """What makes an installed image serve (agent/serving.py). The deployer calls ``prepare`` before
+    switching ``current`` (load beside the serving image, smoke-test it; raise a DeploymentError to
+    keep the old one) and ``commit`` after the switch (take traffic)."""
+
+    def prepare(self, image_dir: Path, manifest: mf.Manifest) -> Any: ...
+
+    def commit(self, prepared: Any) -> None: ...
+
+    def discard(self, prepared: Any) -> None: ...
+
+    def describe(self) -> dict[str, Any]:
+        """What serves now (API address, image, execution provider per model, threads): for the status."""
+        ...
+
+
 class Deployer:
     def __init__(
         self,
@@ -94,6 +114,7 @@ class Deployer:
         trusted_keys: Mapping[str, Ed25519PublicKey],
         publish_status: StatusSink,
         disk_margin: int,
+        activator: Activator | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.device_id = device_id
@@ -103,6 +124,7 @@ class Deployer:
         self.trusted_keys = trusted_keys
         self.publish_status = publish_status
         self.disk_margin = disk_margin
+        self.activator = activator
         self.clock = clock
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -295,7 +317,15 @@ class Deployer:
                 raise
             return E.INSTALLED
         if state == S.ACTIVATING:
-            self.store.activate(img.sha256)
+            prepared = self.activator.prepare(self.store.image_dir(img.sha256), m) if self.activator else None
+            try:
+                self.store.activate(img.sha256)
+            except BaseException:
+                if self.activator is not None:
+                    self.activator.discard(prepared)
+                raise
+            if self.activator is not None:
+                self.activator.commit(prepared)
             return E.ACTIVATED
         raise AssertionError(f"no work for state {state}")  # pragma: no cover
 
@@ -334,6 +364,7 @@ class Deployer:
             "error": _error_of(row),
             "active": None,
             "rejected": None,
+            "runtime": self.activator.describe() if self.activator else None,
             "updated_at": row.updated_at if row else now_iso(),
             "published_at": now_iso(),
         }

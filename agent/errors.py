@@ -44,9 +44,19 @@ class ErrorCode(StrEnum):
     UNSAFE_ARCHIVE = "unsafe_archive"
     INSTALL_FAILED = "install_failed"
     ACTIVATION_FAILED = "activation_failed"
+    # runtime (loading the new image beside the serving one)
+    MODEL_LOAD_FAILED = "model_load_failed"
+    SMOKE_TEST_FAILED = "smoke_test_failed"
     # lifecycle
     SUPERSEDED = "superseded"
     INTERRUPTED = "interrupted"
+    # score.py workers (agent/worker.py) and per-image Python environments (agent/pyenv.py)
+    SCORE_INIT_FAILED = "score_init_failed"
+    SCORE_FAILED = "score_failed"
+    SCORE_BAD_INPUT = "score_bad_input"
+    SCORE_TIMEOUT = "score_timeout"
+    WORKER_UNAVAILABLE = "worker_unavailable"
+    IMAGE_ENV_FAILED = "image_env_failed"
 
 
 class EdgeError(Exception):

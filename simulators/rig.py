@@ -71,6 +71,8 @@ class AgentProcess:
                 "reconnect_max": 2.0,
             },
             "trust": {"keys": [str(rig.pubkey_path)]},
+            # port 0: many agents on one machine; each reports its address in its status and inventory
+            "api": {"listen": "127.0.0.1:0"},
             "download": {
                 "timeout": 5.0,
                 "retries": 3,

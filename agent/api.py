@@ -1,0 +1,303 @@
+"""The local scoring API: Azure ML's ``POST /score``, the Open Inference Protocol v2 (KServe /
+Triton) and Prometheus ``/metrics``, on loopback or a Unix socket.
+
+Served by uvicorn (httptools parser, uvloop) with a bare ASGI callable: no framework between the
+parser and the model. Inference of a model without score.py runs on the event loop itself when the
+model is fast (its smoke test took under ``inline_max_ms``): for small edge models a thread hop
+costs more than the inference. Slower models and score.py requests (a blocking call to a worker
+process) run in a thread pool, so the loop keeps answering health checks. See docs/api.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import orjson
+import uvicorn
+
+from agent import __version__
+from agent.log import get_logger
+from agent.metrics import Metrics
+from agent.runtime import Runtime
+from agent.scoring import Scorer
+
+log = get_logger("api")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_JSON = [(b"content-type", b"application/json")]
+
+
+class ScoringApp:
+    """The ASGI application. Routing is a few string comparisons: this is the hot path."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        scorer: Scorer,
+        metrics: Metrics,
+        *,
+        max_body: int,
+        token: str | None,
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        self.runtime = runtime
+        self.scorer = scorer
+        self.metrics = metrics
+        self.max_body = max_body
+        self.token = token.encode() if token else None
+        self.executor = executor
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if (
+            self.token is not None
+            and path not in ("/v2/health/live", "/v2/health/ready")
+            and not self._authorized(scope)
+        ):
+            await _reply(
+                send,
+                401,
+                {"error": "missing or wrong bearer token", "code": "unauthorized"},
+                [(b"www-authenticate", b"Bearer")],
+            )
+            return
+        if method == "POST":
+            body = await _read_body(receive, self.max_body)
+            if body is None:
+                self.metrics.rejected("too_large")
+                await _reply(
+                    send,
+                    413,
+                    {"error": f"request body is larger than {self.max_body} bytes", "code": "body_too_large"},
+                    close=True,
+                )
+                return
+            if path == "/score":
+                await self._score(send, body)
+                return
+            if path.startswith("/v2/models/") and path.endswith("/infer"):
+                parts = path.split(
+                    "/"
+                )  # ['', 'v2', 'models', name, 'infer'] or [..., 'versions', v, 'infer']
+                if len(parts) in (5, 7):
+                    await self._infer(send, parts[3], body, parts[5] if len(parts) == 7 else None)
+                    return
+        elif method in ("GET", "HEAD"):
+            await self._get(send, path)
+            return
+        await _reply(
+            send,
+            404 if method in ("GET", "POST", "HEAD") else 405,
+            {"error": f"no route for {method} {path}", "code": "not_found"},
+        )
+
+    def _authorized(self, scope: Scope) -> bool:
+        assert self.token is not None
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                return v[:7].lower() == b"bearer " and hmac.compare_digest(v[7:].strip(), self.token)
+        return False
+
+    async def _run(self, fn: Callable[[], tuple[int, bytes]], inline: bool) -> tuple[int, bytes]:
+        if inline:
+            return fn()
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+
+    async def _score(self, send: Send, body: bytes) -> None:
+        img = self.runtime.current
+        if img is None:
+            await _reply(send, 503, {"error": "no image is active on this device", "code": "no_image"})
+            return
+        img.acquire()  # the request finishes on the image it started on, even across a swap
+        t0 = time.perf_counter()
+        try:
+            status, out = await self._run(lambda: self.scorer.score(img, body), self.scorer.inline(img, None))
+        finally:
+            img.release()
+        self.metrics.observe(img, "score", status, time.perf_counter() - t0)
+        await _raw(send, status, out)
+
+    async def _infer(self, send: Send, model: str, body: bytes, version: str | None) -> None:
+        img = self.runtime.current
+        if img is None or model not in img.models:
+            await _reply(
+                send,
+                404,
+                {
+                    "error": f"unknown model {model!r}",
+                    "code": "unknown_model",
+                    "models": sorted(img.models) if img else [],
+                },
+            )
+            return
+        if version is not None and version != img.version:
+            await _reply(
+                send,
+                404,
+                {
+                    "error": f"model {model!r} has version {img.version!r}, not {version!r}",
+                    "code": "unknown_version",
+                },
+            )
+            return
+        img.acquire()
+        t0 = time.perf_counter()
+        try:
+            status, out = await self._run(
+                lambda: self.scorer.infer(img, model, body), self.scorer.inline(img, model)
+            )
+        finally:
+            img.release()
+        self.metrics.observe(img, model, status, time.perf_counter() - t0)
+        await _raw(send, status, out)
+
+    async def _get(self, send: Send, path: str) -> None:
+        img = self.runtime.current
+        if path == "/v2/health/live":
+            await _reply(send, 200, {"live": True})
+        elif path == "/v2/health/ready":
+            ready = img is not None and self.scorer.ready(img)
+            await _reply(send, 200 if ready else 503, {"ready": ready})
+        elif path == "/v2":
+            await _reply(send, 200, {"name": "edge-agent", "version": __version__, "extensions": []})
+        elif path == "/metrics":
+            text, ctype = self.metrics.render(self.runtime)
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", ctype.encode())]}
+            )
+            await send({"type": "http.response.body", "body": text})
+        elif path.startswith("/v2/models/"):
+            parts = path.split("/")
+            name = parts[3] if len(parts) > 3 else ""
+            if img is None or name not in img.models:
+                await _reply(send, 404, {"error": f"unknown model {name!r}", "code": "unknown_model"})
+            elif len(parts) == 4 or (len(parts) == 6 and parts[4] == "versions" and parts[5] == img.version):
+                m = img.models[name]
+                await _reply(send, 200, {
+                    "name": name, "versions": [img.version], "platform": "onnxruntime_onnx",
+                    "inputs": [s.as_dict() for s in m.inputs], "outputs": [s.as_dict() for s in m.outputs],
+                })  # fmt: skip
+            elif parts[-1] == "ready":
+                ready = self.scorer.ready(img)
+                await _reply(send, 200 if ready else 503, {"name": name, "ready": ready})
+            else:
+                await _reply(send, 404, {"error": f"no route for GET {path}", "code": "not_found"})
+        elif path == "/":
+            await _reply(send, 200, {"status": "ok", "image": img.describe() if img else None})
+        else:
+            await _reply(send, 404, {"error": f"no route for GET {path}", "code": "not_found"})
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The request body, or None as soon as it exceeds ``limit`` (the rest is never read)."""
+    msg = await receive()
+    body: bytes = msg.get("body", b"")
+    if not msg.get("more_body"):
+        return body if len(body) <= limit else None
+    chunks = [body]
+    size = len(body)
+    while True:
+        if size > limit:
+            return None
+        msg = await receive()
+        chunk = msg.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
+        if not msg.get("more_body"):
+            return b"".join(chunks) if size <= limit else None
+
+
+async def _raw(send: Send, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": _JSON})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _reply(
+    send: Send,
+    status: int,
+    doc: dict[str, Any],
+    extra: list[tuple[bytes, bytes]] | None = None,
+    close: bool = False,
+) -> None:
+    headers = _JSON + (extra or []) + ([(b"connection", b"close")] if close else [])
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": orjson.dumps(doc)})
+
+
+def bind(listen: str) -> socket.socket:
+    """``HOST:PORT`` (port 0 picks a free one) or ``unix:/path``. Loopback unless configured."""
+    if listen.startswith("unix:"):
+        path = Path(listen[5:])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+        os.chmod(path, 0o660)
+    else:
+        host, _, port = listen.rpartition(":")
+        host = host.strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(port)))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+class ApiServer:
+    """uvicorn on its own thread and event loop, on a socket we bind (so port 0 works and the
+    address is known before the first request)."""
+
+    def __init__(self, app: ScoringApp, listen: str) -> None:
+        self.app = app
+        self.listen = listen
+        self.sock = bind(listen)
+        self.address = self.sock.getsockname()
+        self._server = uvicorn.Server(uvicorn.Config(
+            app, loop="uvloop", http="httptools", lifespan="off", access_log=False, log_config=None,
+            timeout_keep_alive=30, timeout_graceful_shutdown=10, server_header=False, date_header=False,
+        ))  # fmt: skip
+        self._thread = threading.Thread(target=self._serve, name="api", daemon=True)
+
+    @property
+    def url(self) -> str:
+        if self.sock.family == socket.AF_UNIX:
+            return self.listen
+        host, port = self.address[0], self.address[1]
+        return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+
+    def _serve(self) -> None:
+        import uvloop
+
+        uvloop.run(self._server.serve(sockets=[self.sock]))
+
+    def start(self) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started and time.monotonic() < deadline and self._thread.is_alive():
+            time.sleep(0.01)
+        log.info("api.listening", url=self.url)
+
+    def stop(self) -> None:
+        """Stop accepting, let requests in flight finish (graceful), then return."""
+        self._server.should_exit = True
+        self._thread.join(timeout=15)
+        self.sock.close()
+        if self.listen.startswith("unix:"):
+            Path(self.listen[5:]).unlink(missing_ok=True)
