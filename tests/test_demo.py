@@ -25,9 +25,10 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
-    assert out.count("runs image demo-model:1") == 4  # deployed, then rolled back, on 2 devices
-    assert out.count("runs image demo-model:2") == 2
+    assert out.count("runs image iris-classifier:1") == 4  # deployed, then rolled back, on 2 devices
+    assert out.count("runs image iris-classifier:2") == 2
+    assert out.count("POST /score -> ") == 4 and "(5/5 right)" in out
     assert "refused it: manifest_bad_signature" in out
-    assert "still runs demo-model:1" in out
-    assert "every device's status matches the image on its disk" in out
+    assert "still runs iris-classifier:1" in out
+    assert "every device's status matches the image on its disk; 0 failed requests" in out
     assert not (tmp_path / "demo").exists()  # cleaned up without --keep
