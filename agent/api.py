@@ -177,9 +177,8 @@ class ScoringApp:
             await _reply(send, 200, {"name": "edge-agent", "version": __version__, "extensions": []})
         elif path == "/metrics":
             text, ctype = self.metrics.render(self.runtime)
-            await send(
-                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", ctype.encode())]}
-            )
+            headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(text)).encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": text})
         elif path.startswith("/v2/models/"):
             parts = path.split("/")
@@ -222,8 +221,10 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
             return b"".join(chunks) if size <= limit else None
 
 
-async def _raw(send: Send, status: int, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": _JSON})
+async def _raw(send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    # An explicit Content-Length spares uvicorn the chunked encoding of a body we already have whole.
+    headers = [*_JSON, (b"content-length", str(len(body)).encode()), *(extra or [])]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -234,9 +235,9 @@ async def _reply(
     extra: list[tuple[bytes, bytes]] | None = None,
     close: bool = False,
 ) -> None:
-    headers = _JSON + (extra or []) + ([(b"connection", b"close")] if close else [])
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": orjson.dumps(doc)})
+    await _raw(
+        send, status, orjson.dumps(doc), (extra or []) + ([(b"connection", b"close")] if close else [])
+    )
 
 
 def bind(listen: str) -> socket.socket:
