@@ -66,7 +66,7 @@ class Agent:
             "inter_op_num_threads": self.cfg.runtime.inter_op_num_threads,
         }
         self.channel.report_inventory(inv)
-        self.channel.report_status(self.deployer.status_document())
+        self.deployer.publish()
 
     def run(self) -> int:
         def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -127,6 +127,7 @@ class Deployer:
         self.activator = activator
         self.clock = clock
         self._lock = threading.Lock()
+        self._publish_lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._pending: tuple[mf.Manifest, str] | None = None
         self._progress: tuple[int, int] | None = None
@@ -170,7 +171,7 @@ class Deployer:
                 )
                 refused = False
         if refused:
-            self._publish()
+            self.publish()
 
     # --- the worker thread -----------------------------------------------------------------
 
@@ -193,7 +194,7 @@ class Deployer:
                 m, sha = self._pending
                 self._pending = None
                 self.db.insert(m.generation, m.deployment_id, sha, m.payload, m.keyid, S.RECEIVED)
-            self._publish()
+            self.publish()
             faults.point(f"state:{S.RECEIVED}")
             self._drive(m, S.RECEIVED)
 
@@ -204,7 +205,7 @@ class Deployer:
         self.db.set_meta("clean_stop", False)
         row = self.db.latest()
         if row is None or State(row.state) in TERMINAL:
-            self._publish()
+            self.publish()
             return
         m = mf.Manifest.from_payload(row.payload, row.keyid)
         n = row.recoveries if clean else self.db.count_recovery(row.generation)
@@ -263,7 +264,7 @@ class Deployer:
             trigger=str(event),
             **({"code": str(err.code), "reason": err.message} if err else {}),
         )
-        self._publish()
+        self.publish()
         faults.point(f"state:{new}")
         return new
 
@@ -345,7 +346,7 @@ class Deployer:
 
     def _on_progress(self, done: int, total: int) -> None:
         self._progress = (done, total)
-        self._publish()
+        self.publish()
 
     # --- status ----------------------------------------------------------------------------
 
@@ -389,6 +390,12 @@ class Deployer:
         if rejected:
             doc["rejected"] = {k: rejected[k] for k in ("code", "message", "hint", "at")}
         return doc
+
+    def publish(self) -> None:
+        """Publish the current status document. Serialised: documents are published in the order they
+        were computed, so a document computed on one thread can never overtake a newer one."""
+        with self._publish_lock:
+            self._publish()
 
     def _publish(self) -> None:
         try:

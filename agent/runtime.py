@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 from agent.errors import ErrorCode, InstallError
 from agent.log import get_logger
+from agent.tensors import v2_datatype
 
 log = get_logger("runtime")
 
@@ -33,14 +34,6 @@ DEFAULT_PROVIDERS = (
     "CPUExecutionProvider",
 )
 CPU = "CPUExecutionProvider"
-
-# onnxruntime's type strings -> Open Inference Protocol datatypes
-_ORT_TO_V2 = {
-    "tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16", "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64", "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64", "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}  # fmt: skip
 
 
 class RuntimeError_(InstallError):
@@ -77,7 +70,7 @@ class TensorSpec:
 def _specs(args: Sequence[Any]) -> tuple[TensorSpec, ...]:
     return tuple(
         TensorSpec(
-            a.name, _ORT_TO_V2.get(a.type), tuple(d if isinstance(d, int) else -1 for d in a.shape), a.type
+            a.name, v2_datatype(a.type), tuple(d if isinstance(d, int) else -1 for d in a.shape), a.type
         )
         for a in args
     )

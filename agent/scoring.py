@@ -17,15 +17,10 @@ import orjson
 
 from agent.errors import ErrorCode
 from agent.runtime import LoadedImage, Model, RuntimeError_, TensorSpec
+from agent.tensors import compare, shape_matches, to_numpy, v2_datatype_of
 
-# Open Inference Protocol datatypes <-> numpy
-V2_TO_NUMPY: dict[str, Any] = {
-    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
-    "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_,
-}  # fmt: skip
-NUMPY_TO_V2 = {np.dtype(v).str: k for k, v in V2_TO_NUMPY.items() if k != "BYTES"}
-_NUMPY_OPTS = orjson.OPT_SERIALIZE_NUMPY
+# numpy arrays are written by orjson directly; non-string keys occur in non-tensor outputs (ZipMap)
+_NUMPY_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 
 class ScoreError(Exception):
@@ -53,22 +48,22 @@ def _parse(body: bytes) -> Any:
 def _tensor(spec: TensorSpec, data: Any, shape: Any, datatype: str | None) -> np.ndarray:
     """Decode one input and check it against the model's signature, naming what does not fit."""
     want = spec.datatype
-    if datatype is not None and want is not None and datatype != want:
-        raise _bad(f"input {spec.name!r}: datatype {datatype}, the model expects {want}", "wrong_datatype")
-    dtype = V2_TO_NUMPY.get(want or datatype or "FP32")
-    if dtype is None:
-        raise _bad(f"input {spec.name!r}: unknown datatype {datatype!r}", "wrong_datatype")
-    try:
-        arr = np.asarray(data, dtype=dtype)
-        if shape is not None:
-            arr = arr.reshape(shape)
-    except (ValueError, TypeError) as exc:
+    if want is None:
         raise _bad(
-            f"input {spec.name!r}: cannot be read as {want} with shape {shape}: {exc}", "wrong_shape"
-        ) from None
-    if len(spec.shape) != arr.ndim or any(
-        d >= 0 and d != a for d, a in zip(spec.shape, arr.shape, strict=True)
-    ):
+            f"input {spec.name!r} is a {spec.onnx_type}, which JSON tensors cannot carry", "wrong_datatype"
+        )
+    if datatype is not None and datatype != want:
+        raise _bad(f"input {spec.name!r}: datatype {datatype}, the model expects {want}", "wrong_datatype")
+    if not isinstance(data, list):
+        data = [data]
+    try:
+        arr = to_numpy(
+            {"datatype": want, "shape": list(np.shape(data)) if shape is None else shape, "data": data},
+            f"input {spec.name!r}",
+        )
+    except ValueError as exc:
+        raise _bad(str(exc), "bad_tensor") from None
+    if not shape_matches(arr.shape, spec.shape):
         expected = ["?" if d < 0 else d for d in spec.shape]
         raise _bad(
             f"input {spec.name!r}: shape {list(arr.shape)}, the model expects {expected}", "wrong_shape"
@@ -85,7 +80,7 @@ def _run_model(model: Model, feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 def _output(name: str, value: Any) -> dict[str, Any]:
     if isinstance(value, np.ndarray):
-        dt = "BYTES" if value.dtype == np.object_ else NUMPY_TO_V2.get(value.dtype.str, "BYTES")
+        dt = v2_datatype_of(value.dtype)
         flat = value.ravel()
         return {
             "name": name,
@@ -222,8 +217,6 @@ class Scorer:
         """Run the image's sample request through the serving path and compare the answer with the
         expected one within its tolerances. Returns the seconds it took, or None if the image has no
         smoke test; raises RuntimeError_(smoke_test_failed) with the difference it saw."""
-        from agent.tensors import compare
-
         st = img.meta.get("smoke_test")
         if not st:
             return None

@@ -97,6 +97,45 @@ def main(argv: list[str] | None = None) -> int:
     mp.add_argument("--key", type=Path)
     mp.add_argument("--prefix", default="edge")
 
+    img = sub.add_parser("image", help="image bundles").add_subparsers(dest="cmd", required=True)
+    ib = img.add_parser(
+        "build",
+        help="build an image bundle from ONNX models, an optional score.py, wheels and a smoke test",
+        description="Build a reproducible image bundle (docs/bundle.md); print its path, sha256 and size.",
+    )
+    ib.add_argument("--name", required=True, help="image name (the manifest's image.name)")
+    ib.add_argument("--version", required=True, help="image version (the manifest's image.version)")
+    ib.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="[NAME=]PATH",
+        help="an ONNX model, stored as models/NAME.onnx; NAME defaults to the file's stem (repeatable)",
+    )
+    ib.add_argument("--score", type=Path, metavar="FILE", help="the entry script, stored as score.py")
+    ib.add_argument(
+        "--include",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="another file at the bundle's root, e.g. a module score.py imports (repeatable)",
+    )
+    ib.add_argument("--wheel", type=Path, action="append", default=[], help="a pinned .whl (repeatable)")
+    ib.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="(repeatable)")
+    ib.add_argument("--sample-request", type=Path, metavar="FILE.json", help="the smoke test's request")
+    ib.add_argument("--expected-response", type=Path, metavar="FILE.json", help="its expected response")
+    ib.add_argument(
+        "--rtol", type=float, help=f"relative tolerance for floats (default {bundle.DEFAULT_RTOL:g})"
+    )
+    ib.add_argument(
+        "--atol", type=float, help=f"absolute tolerance for floats (default {bundle.DEFAULT_ATOL:g})"
+    )
+    ib.add_argument("--smoke-model", metavar="NAME", help="the model the smoke test is for (several models)")
+    ib.add_argument("--out", type=Path, help="the bundle to write (default NAME-VERSION.tar)")
+    ii = img.add_parser("inspect", help="print a bundle's bundle.json")
+    ii.add_argument("bundle", type=Path)
+
     args = p.parse_args(argv)
     try:
         return _dispatch(args)
@@ -108,7 +147,51 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _image_build(args: argparse.Namespace) -> int:
+    models = [bundle.parse_model_arg(m) for m in args.model]
+    tags: dict[str, str] = {}
+    for text in args.tag:
+        key, value = bundle.parse_tag(text)
+        if key in tags:
+            # Refused rather than last-wins: the order of the flags must not change the image.
+            raise bundle.BuildError(f"tag {key!r} is given twice")
+        tags[key] = value
+    smoke = None
+    if (args.sample_request is None) != (args.expected_response is None):
+        raise bundle.BuildError("--sample-request and --expected-response go together")
+    if args.sample_request is not None:
+        smoke = bundle.SmokeTest(
+            request=bundle.load_json(args.sample_request, "sample request"),
+            expected=bundle.load_json(args.expected_response, "expected response"),
+            model=args.smoke_model,
+            rtol=bundle.DEFAULT_RTOL if args.rtol is None else args.rtol,
+            atol=bundle.DEFAULT_ATOL if args.atol is None else args.atol,
+        )
+    elif args.rtol is not None or args.atol is not None or args.smoke_model is not None:
+        raise bundle.BuildError(
+            "--rtol, --atol and --smoke-model need --sample-request and --expected-response"
+        )
+    built = bundle.build_image(
+        args.out or Path(f"{args.name}-{args.version}.tar"),
+        args.name,
+        args.version,
+        models,
+        score=args.score,
+        include=args.include,
+        wheels=args.wheel,
+        tags=tags,
+        smoke_test=smoke,
+    )
+    print(json.dumps(built.as_dict()))
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.group == "image":
+        if args.cmd == "build":
+            return _image_build(args)
+        print(json.dumps(bundle.read_metadata(args.bundle), indent=2, sort_keys=True))
+        return 0
     if args.group == "keys":
         key_path, pub_path, kid = signer.create_keypair(args.out, args.name)
         print(json.dumps({"private_key": str(key_path), "public_key": str(pub_path), "keyid": kid}))
