@@ -18,6 +18,7 @@ import orjson
 from agent.errors import ErrorCode
 from agent.runtime import LoadedImage, Model, RuntimeError_, TensorSpec
 from agent.tensors import compare, shape_matches, to_numpy, v2_datatype_of
+from agent.worker import ScoringError
 
 # numpy arrays are written by orjson directly; non-string keys occur in non-tensor outputs (ZipMap)
 _NUMPY_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
@@ -201,15 +202,10 @@ class Scorer:
 
     def _score_worker(self, img: LoadedImage, body: bytes) -> tuple[int, bytes]:
         try:
-            return 200, img.worker.run(body)
-        except Exception as exc:
-            status = getattr(exc, "http_status", None)
-            if status is None:
-                raise
-            code = {500: "score_failed", 503: "worker_unavailable", 504: "score_timeout"}.get(
-                status, "score_error"
-            )
-            return status, orjson.dumps({"error": str(exc), "code": code})
+            result = img.worker.score(body)
+        except ScoringError as exc:
+            return exc.http_status, orjson.dumps({"error": exc.message, "code": str(exc.code)})
+        return result.status, result.body
 
     # --- smoke test ------------------------------------------------------------------------
 

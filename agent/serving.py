@@ -48,6 +48,7 @@ class Serving:
             size=rc.workers,
             timeout_s=rc.request_timeout,
             init_timeout_s=rc.init_timeout,
+            entry_script=str(meta["entry_script"]),
         )
         pool.start()
         return pool
