@@ -5,6 +5,7 @@ Layout under ``root``::
     downloads/<sha256>.partial   bytes being downloaded (kept across restarts, to resume)
     staging/<sha256>.<random>/   an unpack in progress (removed at start-up if left by a crash)
     images/<sha256>/             unpacked, fsynced images; a directory appears here only complete
+    envs/<sha256>/               the Python environment of an image that ships wheels (agent/pyenv.py)
     current -> images/<sha256>   the active image (a symlink, replaced by rename: atomic)
     previous -> images/<sha256>  the image to roll back to
 
@@ -153,6 +154,12 @@ class BundleStore:
                 continue
             shutil.rmtree(p, ignore_errors=True)
             deleted.append(p.name)
+        # an image's Python environment (agent/pyenv.py) goes with the image
+        envs = self.root / "envs"
+        if envs.is_dir():
+            for env in envs.iterdir():
+                if len(env.name) == 64 and env.is_dir() and not self.has_image(env.name):  # not temp dirs
+                    shutil.rmtree(env, ignore_errors=True)
         if deleted:
             log.info("store.gc", deleted=[d[:12] for d in deleted])
         return deleted

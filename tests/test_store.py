@@ -140,3 +140,18 @@ def test_leftover_staging_is_cleared_at_start(tmp_path: Path) -> None:
     (store.staging / "abc.123" / "half").write_bytes(b"x")
     BundleStore(tmp_path / "store")
     assert not list(store.staging.iterdir())
+
+
+def test_gc_removes_the_environments_of_deleted_images(tmp_path: Path) -> None:
+    store = BundleStore(tmp_path / "store", keep_images=2)
+    digests = []
+    for v in range(1, 4):
+        b, d = make_bundle(tmp_path, version=str(v), payload=str(v).encode())
+        store.install(d, b, "img", str(v))
+        store.activate(d)
+        (store.root / "envs" / d).mkdir(parents=True)
+        digests.append(d)
+    (store.root / "envs" / ".build-tmp").mkdir()
+    store.gc()
+    assert not (store.root / "envs" / digests[0]).exists()
+    assert (store.root / "envs" / digests[2]).exists() and (store.root / "envs" / ".build-tmp").exists()
