@@ -260,3 +260,15 @@ def test_a_failed_smoke_test_keeps_the_old_image_serving(env: Env) -> None:
     assert status["active"]["sha256"] == before["sha256"] == env.agent.current_image()
     r = env.client.post("/v2/models/mlp/infer", json=v2_request(X[:1]))
     assert r.status_code == 200 and r.json()["model_version"] == before["version"]
+
+
+def test_the_manifest_runtime_section_sets_threads_for_that_deployment(env: Env) -> None:
+    current = env.rig.op.report(DEV)["active"]["version"]  # type: ignore[index]
+    nxt = str(int(current) + 1)
+    b = env.image(nxt, seed=int(nxt))
+    env.gen += 1
+    doc = env.rig.manifest(DEV, b, env.gen, runtime={"intra_op_num_threads": 2, "inter_op_num_threads": 1})
+    env.rig.deploy(DEV, doc)
+    status = env.rig.wait_active(DEV, env.gen)
+    assert status["runtime"]["image"]["intra_op_num_threads"] == 2
+    assert env.client.post("/v2/models/mlp/infer", json=v2_request(X[:1])).json()["model_version"] == nxt
