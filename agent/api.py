@@ -62,6 +62,23 @@ class ScoringApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
+        started = False
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self._dispatch(scope, receive, tracking_send)
+        except Exception as exc:  # a bug must still answer JSON, and must not kill the connection loop
+            log.error("api.internal_error", exc_info=True, path=scope.get("path"))
+            if not started:
+                await _reply(
+                    send, 500, {"error": f"internal error: {type(exc).__name__}", "code": "internal_error"}
+                )
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
         if (

@@ -51,6 +51,7 @@ from typing import Any
 
 from agent.errors import ErrorCode, InstallError
 from agent.log import get_logger
+from agent.store import fsync_dir
 
 log = get_logger("pyenv")
 
@@ -111,7 +112,7 @@ def ensure_image_env(image_dir: Path, envs_root: Path, wheels: list[str], *, fsy
                 _sync_fs(tmp)
             os.rename(tmp, final)
             if fsync:
-                _fsync_dir(envs_root)
+                fsync_dir(envs_root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -260,14 +261,6 @@ def _remove(envs_root: Path, final: Path) -> None:
     trash = envs_root / f".trash-{final.name}-{secrets.token_hex(4)}"
     os.rename(final, trash)
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sync_fs(path: Path) -> None:

@@ -58,10 +58,9 @@ def _tensor(spec: TensorSpec, data: Any, shape: Any, datatype: str | None) -> np
     if not isinstance(data, list):
         data = [data]
     try:
-        arr = to_numpy(
-            {"datatype": want, "shape": list(np.shape(data)) if shape is None else shape, "data": data},
-            f"input {spec.name!r}",
-        )
+        if shape is None:
+            shape = list(np.shape(data))  # raises ValueError for ragged nested lists
+        arr = to_numpy({"datatype": want, "shape": shape, "data": data}, f"input {spec.name!r}")
     except ValueError as exc:
         raise _bad(str(exc), "bad_tensor") from None
     if not shape_matches(arr.shape, spec.shape):

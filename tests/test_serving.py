@@ -272,3 +272,9 @@ def test_the_manifest_runtime_section_sets_threads_for_that_deployment(env: Env)
     status = env.rig.wait_active(DEV, env.gen)
     assert status["runtime"]["image"]["intra_op_num_threads"] == 2
     assert env.client.post("/v2/models/mlp/infer", json=v2_request(X[:1])).json()["model_version"] == nxt
+
+
+def test_ragged_input_is_a_400_not_a_crash(env: Env) -> None:
+    r = env.client.post("/score", json={"data": [[1.0, 2.0], [3.0]]})
+    assert r.status_code == 400 and r.json()["code"] == "bad_tensor", r.text
+    assert env.client.post("/v2/models/mlp/infer", json=v2_request(X[:1])).status_code == 200
