@@ -27,7 +27,7 @@ import uvicorn
 from agent import __version__
 from agent.log import get_logger
 from agent.metrics import Metrics
-from agent.runtime import Runtime
+from agent.runtime import LoadedImage, Runtime
 from agent.scoring import Scorer
 
 log = get_logger("api")
@@ -105,14 +105,14 @@ class ScoringApp:
                 )
                 return
             if path == "/score":
-                await self._score(send, body)
+                await self._score(scope, send, body)
                 return
             if path.startswith("/v2/models/") and path.endswith("/infer"):
                 parts = path.split(
                     "/"
                 )  # ['', 'v2', 'models', name, 'infer'] or [..., 'versions', v, 'infer']
                 if len(parts) in (5, 7):
-                    await self._infer(send, parts[3], body, parts[5] if len(parts) == 7 else None)
+                    await self._infer(scope, send, parts[3], body, parts[5] if len(parts) == 7 else None)
                     return
         elif method in ("GET", "HEAD"):
             await self._get(send, path)
@@ -135,53 +135,66 @@ class ScoringApp:
             return fn()
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
-    async def _score(self, send: Send, body: bytes) -> None:
+    async def _score(self, scope: Scope, send: Send, body: bytes) -> None:
         img = self.runtime.current
         if img is None:
             await _reply(send, 503, {"error": "no image is active on this device", "code": "no_image"})
             return
-        img.acquire()  # the request finishes on the image it started on, even across a swap
-        t0 = time.perf_counter()
-        try:
-            status, out = await self._run(lambda: self.scorer.score(img, body), self.scorer.inline(img, None))
-        finally:
-            img.release()
-        self.metrics.observe(img, "score", status, time.perf_counter() - t0)
-        await _raw(send, status, out)
+        fn = lambda: self.scorer.score(img, body)  # noqa: E731
+        await self._serve(scope, send, img, "score", "score", fn, self.scorer.inline(img, None), body)
 
-    async def _infer(self, send: Send, model: str, body: bytes, version: str | None) -> None:
+    async def _infer(self, scope: Scope, send: Send, model: str, body: bytes, version: str | None) -> None:
         img = self.runtime.current
         if img is None or model not in img.models:
+            models = sorted(img.models) if img else []
             await _reply(
-                send,
-                404,
-                {
-                    "error": f"unknown model {model!r}",
-                    "code": "unknown_model",
-                    "models": sorted(img.models) if img else [],
-                },
+                send, 404, {"error": f"unknown model {model!r}", "code": "unknown_model", "models": models}
             )
             return
         if version is not None and version != img.version:
-            await _reply(
-                send,
-                404,
-                {
-                    "error": f"model {model!r} has version {img.version!r}, not {version!r}",
-                    "code": "unknown_version",
-                },
-            )
+            msg = f"model {model!r} has version {img.version!r}, not {version!r}"
+            await _reply(send, 404, {"error": msg, "code": "unknown_version"})
             return
-        img.acquire()
+        fn = lambda: self.scorer.infer(img, model, body)  # noqa: E731
+        await self._serve(scope, send, img, model, "v2", fn, self.scorer.inline(img, model), body)
+
+    async def _serve(
+        self,
+        scope: Scope,
+        send: Send,
+        img: LoadedImage,
+        model: str,
+        api: str,
+        fn: Callable[[], tuple[int, bytes]],
+        inline: bool,
+        body: bytes,
+    ) -> None:
+        img.acquire()  # the request finishes on the image it started on, even across a swap
         t0 = time.perf_counter()
         try:
-            status, out = await self._run(
-                lambda: self.scorer.infer(img, model, body), self.scorer.inline(img, model)
-            )
+            status, out = await self._run(fn, inline)
         finally:
             img.release()
-        self.metrics.observe(img, model, status, time.perf_counter() - t0)
-        await _raw(send, status, out)
+        elapsed = time.perf_counter() - t0
+        self.metrics.observe(img, model, status, elapsed)
+        cap = img.capturer
+        if cap is None or not cap.sampled():
+            await _raw(send, status, out)
+            return
+        rid = _header(scope, b"x-request-id") or cap.request_id()
+        cap.record(
+            api=api,
+            model=model,
+            version=img.version,
+            request_id=rid,
+            ts=time.time(),
+            latency_s=elapsed,
+            status=status,
+            body=body,
+            out=out,
+            raw=img.worker is not None,
+        )
+        await _raw(send, status, out, [(b"x-request-id", rid.encode())])
 
     async def _get(self, send: Send, path: str) -> None:
         img = self.runtime.current
@@ -217,6 +230,13 @@ class ScoringApp:
             await _reply(send, 200, {"status": "ok", "image": img.describe() if img else None})
         else:
             await _reply(send, 404, {"error": f"no route for GET {path}", "code": "not_found"})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for k, v in scope["headers"]:
+        if k == name:
+            return str(v[:128].decode("latin-1"))  # bounded: it goes into every captured record
+    return None
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:

@@ -24,6 +24,9 @@ class ControlChannel(Protocol):
     def report_inventory(self, doc: dict[str, Any]) -> None:
         """Publish the device's capabilities (retained)."""
 
+    def report_heartbeat(self, doc: dict[str, Any]) -> None:
+        """Publish a small periodic summary (not retained; skipped while offline)."""
+
     @property
     def connected(self) -> bool: ...
 

@@ -102,6 +102,36 @@ class ApiConfig:
 
 
 @dataclass
+class TelemetryConfig:
+    #: One disk budget for the whole telemetry buffer (captures, metrics, events): the lowest-priority
+    #: oldest records are dropped first when it is reached, and counted.
+    buffer_budget_bytes: int = 256 * 1024 * 1024
+    #: The writer thread commits at least this often: the most a kill -9 can lose (docs/buffer.md).
+    flush_interval: float = 0.2
+    max_record_bytes: int = 1024 * 1024
+    #: System and inference metrics sampling, and the heartbeat.
+    interval: float = 30.0
+
+
+@dataclass
+class SyncConfig:
+    #: Where telemetry goes: file:///dir (default: <state_dir>/outbox), an Azure Blob container SAS
+    #: URL, or s3://bucket/prefix.
+    url: str = ""
+    #: Upload when a class has this many records or bytes waiting, or its oldest is this old.
+    batch_max_records: int = 5000
+    batch_max_bytes: int = 8 * 1024 * 1024
+    max_batch_age: float = 300.0
+    #: How often the uploader looks at the buffer.
+    interval: float = 10.0
+    #: Bytes per second on the wire (0: no cap).
+    bandwidth: int = 0
+    retries: int = 5
+    backoff_min: float = 1.0
+    backoff_max: float = 60.0
+
+
+@dataclass
 class AgentConfig:
     device_id: str = ""
     state_dir: Path = Path("/var/lib/edge-agent")
@@ -112,6 +142,8 @@ class AgentConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
 
     def validate(self) -> None:
         if not self.device_id:
@@ -163,6 +195,21 @@ class AgentConfig:
             raise ConfigError("api.token_file", f"file {self.api.token_file} does not exist")
         if self.api.max_body_bytes < 1024:
             raise ConfigError("api.max_body_bytes", "must be >= 1024")
+        if self.telemetry.buffer_budget_bytes < 1024 * 1024:
+            raise ConfigError("telemetry.buffer_budget_bytes", "must be >= 1 MiB")
+        if self.telemetry.interval <= 0 or self.telemetry.flush_interval <= 0:
+            raise ConfigError("telemetry.interval", "intervals must be > 0")
+        if self.sync.url and not (
+            self.sync.url.startswith(("file://", "https://", "http://", "s3://"))
+            or self.sync.url.startswith("/")
+        ):
+            raise ConfigError(
+                "sync.url", f"{self.sync.url!r}: use file:///dir, an https:// SAS URL or s3://bucket"
+            )
+        if self.sync.batch_max_records < 1 or self.sync.batch_max_bytes < 1024:
+            raise ConfigError("sync.batch_max_records", "batches need >= 1 record and >= 1 KiB")
+        if self.sync.bandwidth < 0:
+            raise ConfigError("sync.bandwidth", "must be >= 0 (0: no cap)")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level", "must be one of debug, info, warning, error")
 

@@ -3,7 +3,8 @@ plus the agent's own process metrics (RSS, CPU, open files) from the standard pr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import random
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -32,6 +33,39 @@ BUCKETS = (
 )
 
 
+class _Window:
+    """Counts and a bounded reservoir of latencies (uniform sample beyond RESERVOIR requests)."""
+
+    RESERVOIR = 4096
+    __slots__ = ("errors", "requests", "samples")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.samples: list[float] = []
+
+    def add(self, status: int, seconds: float) -> None:
+        self.requests += 1
+        if status >= 400:
+            self.errors += 1
+        if len(self.samples) < self.RESERVOIR:
+            self.samples.append(seconds)
+        else:
+            i = random.randrange(self.requests)
+            if i < self.RESERVOIR:
+                self.samples[i] = seconds
+
+    def summary(self) -> dict[str, Any]:
+        s = sorted(self.samples)
+
+        def q(p: float) -> float | None:
+            return round(s[min(len(s) - 1, int(p * len(s)))] * 1000, 4) if s else None
+
+        return {"requests": self.requests, "errors": self.errors,
+                "error_rate": round(self.errors / self.requests, 6) if self.requests else 0.0,
+                "p50_ms": q(0.5), "p95_ms": q(0.95), "p99_ms": q(0.99)}  # fmt: skip
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -57,6 +91,7 @@ class Metrics:
             "edge_scoring_refused", "Requests refused before scoring", ["reason"], registry=r
         )
         self.swaps = Gauge("edge_runtime_swaps", "Images made current since the agent started", registry=r)
+        self._window: dict[tuple[str, str], _Window] = {}
         self.image = Gauge(
             "edge_runtime_image_info",
             "The image serving requests (value 1)",
@@ -70,6 +105,18 @@ class Metrics:
         if status >= 400:
             self.errors.labels(model, img.version, s).inc()
         self.latency.labels(model, img.version).observe(seconds)
+        key = (model, img.version)
+        w = self._window.get(key)
+        if w is None:
+            w = self._window[key] = _Window()
+        w.add(status, seconds)
+
+    def take_window(self) -> dict[str, dict[str, Any]]:
+        """Requests, errors and latency quantiles per model version since the last call: the
+        inference metrics that go to the buffer and the heartbeat (rollout health gates read them)."""
+        window, self._window = self._window, {}
+        return {f"{model}@{version}": {"model": model, "version": version, **w.summary()}
+                for (model, version), w in window.items()}  # fmt: skip
 
     def rejected(self, reason: str) -> None:
         self.refused.labels(reason).inc()

@@ -81,6 +81,10 @@ class MqttChannel:
     def report_inventory(self, doc: dict[str, Any]) -> None:
         self._publish(self.topics.inventory, _json(doc), retain=True)
 
+    def report_heartbeat(self, doc: dict[str, Any]) -> None:
+        if self._connected.is_set():  # a stale heartbeat is worth nothing: never queue one while offline
+            self._client.publish(self.topics.heartbeat, _json(doc), qos=0, retain=False)
+
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from agent.capture import Capturer
 from agent.errors import ErrorCode, InstallError
 from agent.log import get_logger
 from agent.tensors import v2_datatype
@@ -142,6 +143,8 @@ class LoadedImage:
         self.models = models
         self.settings = settings
         self.worker = worker
+        #: set by serving when the deployment asks for data capture (agent/capture.py)
+        self.capturer: Capturer | None = None
         self._inflight = 0
         self._retired = False
         self._lock = threading.Lock()
