@@ -18,6 +18,8 @@ for c in python3.13 python3.12 python3.11 python3; do
   fi
 done
 [ -n "$PY" ] || need_apt+=(python3 python3-venv)
+# Azurite (Azure Blob emulator, for the tests) comes from npm, pinned in package.json
+if [ -f package.json ] && ! command -v npm >/dev/null 2>&1; then need_apt+=(nodejs npm); fi
 if [ -n "$PY" ] && ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then need_apt+=(python3-venv); fi
 
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -36,6 +38,16 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[dev]'
   rm -f .venv/.installed-*; touch "$stamp"
+fi
+
+if [ -f package-lock.json ]; then
+  node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+  [ "$node_major" -ge 20 ] || echo "warning: Node.js $node_major is older than 20; Azurite (blob-storage tests) may not run" >&2
+  npm_stamp=node_modules/.installed-$(sha256sum package-lock.json | cut -c1-16)
+  if [ ! -f "$npm_stamp" ]; then
+    npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+    touch "$npm_stamp"
+  fi
 fi
 
 case "${1:-setup}" in

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import inventory
 from agent import manifest as mf
+from agent.buffer import Buffer, RecordClass
 from agent.config import AgentConfig
 from agent.deployer import Deployer
 from agent.errors import ConfigError
@@ -19,6 +20,9 @@ from agent.mqtt_channel import MqttChannel
 from agent.serving import Serving
 from agent.state import StateDB
 from agent.store import BundleStore
+from agent.telemetry import Telemetry
+from cloud_sync.backend import open_backend
+from cloud_sync.uploader import Uploader
 
 log = get_logger("agent")
 
@@ -44,7 +48,14 @@ class Agent:
         self.store = BundleStore(cfg.state_dir / "store", keep_images=cfg.store.keep_images)
         self.fetcher = Fetcher(cfg.download)
         self.channel = MqttChannel(cfg.device_id, cfg.mqtt)
-        self.serving = Serving(cfg)
+        tc = cfg.telemetry
+        self.buffer = Buffer(
+            cfg.state_dir / "telemetry.db",
+            budget_bytes=tc.buffer_budget_bytes,
+            flush_interval_s=tc.flush_interval,
+            max_record_bytes=tc.max_record_bytes,
+        )
+        self.serving = Serving(cfg, sink=self.buffer)
         self.deployer = Deployer(
             cfg.device_id,
             self.db,
@@ -56,6 +67,24 @@ class Agent:
             activator=self.serving,
         )
         self._stop = threading.Event()
+        sc = cfg.sync
+        # The embedded default store is created; a configured directory must exist (it is a mount).
+        self.backend = open_backend(
+            sc.url or (cfg.state_dir / "outbox").as_uri(), create=not sc.url, retries=sc.retries,
+            backoff_min=sc.backoff_min, backoff_max=sc.backoff_max, bandwidth=sc.bandwidth or None,
+            should_stop=self._stop.is_set,
+        )  # fmt: skip
+        self.uploader = Uploader(
+            self.buffer, self.backend, cfg.device_id, self.db, batch_max_records=sc.batch_max_records,
+            batch_max_bytes=sc.batch_max_bytes, max_batch_age_s=sc.max_batch_age, interval_s=sc.interval,
+        )  # fmt: skip
+        self.telemetry = Telemetry(
+            cfg.device_id, cfg.state_dir, self.serving.metrics,
+            put=lambda cls, payload, ts: self.buffer.put(RecordClass(cls), payload, ts=ts),
+            heartbeat=self.channel.report_heartbeat,
+            extra=lambda: {"buffer": self.buffer.stats(), "sync": self.uploader.state.as_dict()},
+            interval_s=cfg.telemetry.interval,
+        )  # fmt: skip
 
     def _on_connect(self) -> None:
         inv = inventory.collect(self.cfg.device_id, self.cfg.state_dir)
@@ -84,8 +113,13 @@ class Agent:
         )
         active = self.store.active()
         row = self.db.last_active_with_digest(active) if active else None
-        override = dict(mf.Manifest.from_payload(row.payload).runtime) if row else None
-        self.serving.start(self.store.image_dir(active) if active else None, override)
+        self.buffer.start()
+        self.serving.start(
+            self.store.image_dir(active) if active else None,
+            mf.Manifest.from_payload(row.payload) if row else None,
+        )
+        self.telemetry.start()
+        self.uploader.start()
         worker = threading.Thread(target=self.deployer.run, name="deployer", daemon=True)
         # Resume an interrupted deployment before taking new manifests: the worker recovers first,
         # and manifests that arrive meanwhile wait in the deployer's intake.
@@ -97,7 +131,11 @@ class Agent:
                 return 1
         self.deployer.stop()
         worker.join(timeout=10.0)
-        self.serving.stop()
+        self.serving.stop()  # requests in flight finish first: their captures reach the buffer
+        self.telemetry.stop()
+        self.uploader.stop()
+        self.buffer.close()  # commits what is queued
+        self.backend.close()
         self.channel.stop()
         self.fetcher.close()
         self.db.close()

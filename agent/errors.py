@@ -57,6 +57,16 @@ class ErrorCode(StrEnum):
     SCORE_TIMEOUT = "score_timeout"
     WORKER_UNAVAILABLE = "worker_unavailable"
     IMAGE_ENV_FAILED = "image_env_failed"
+    # the local telemetry buffer (agent/buffer.py)
+    BUFFER_UNAVAILABLE = "buffer_unavailable"
+    # blob storage backends (cloud_sync/): BlobError carries these, with ``retryable``
+    BLOB_CONFIG_INVALID = "blob_config_invalid"
+    BLOB_INVALID_NAME = "blob_invalid_name"
+    BLOB_ACCESS_DENIED = "blob_access_denied"
+    BLOB_CONTAINER_NOT_FOUND = "blob_container_not_found"
+    BLOB_NOT_FOUND = "blob_not_found"
+    BLOB_UNAVAILABLE = "blob_unavailable"
+    BLOB_REQUEST_FAILED = "blob_request_failed"
 
 
 class EdgeError(Exception):

@@ -13,6 +13,7 @@ from typing import Any
 
 from agent import manifest as mf
 from agent.api import ApiServer, ScoringApp
+from agent.capture import Capturer, CaptureSettings, RecordSink
 from agent.config import AgentConfig
 from agent.log import get_logger
 from agent.metrics import Metrics
@@ -23,8 +24,9 @@ log = get_logger("serving")
 
 
 class Serving:
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, sink: RecordSink | None = None) -> None:
         self.cfg = cfg
+        self.sink = sink
         rc = cfg.runtime
         self.envs_root = cfg.state_dir / "store" / "envs"
         self.runtime = Runtime(
@@ -53,11 +55,14 @@ class Serving:
         pool.start()
         return pool
 
-    def start(self, active_dir: Path | None, runtime_override: dict[str, Any] | None) -> None:
-        """Load the image that is current on disk (if any), then open the API."""
+    def start(self, active_dir: Path | None, manifest: mf.Manifest | None) -> None:
+        """Load the image that is current on disk (if any) as its deployment configured it, then open
+        the API."""
         if active_dir is not None:
             try:
-                self.runtime.swap(self.runtime.load(active_dir, runtime_override))
+                img = self.runtime.load(active_dir, manifest.runtime if manifest else None)
+                self._attach_capture(img, manifest)
+                self.runtime.swap(img)
             except Exception as exc:  # keep the agent up: it can still take a fixing deployment
                 log.error("serving.load_failed", image=active_dir.name[:12], error=str(exc))
         if self.cfg.api.enabled:
@@ -81,8 +86,22 @@ class Serving:
 
     # --- deployer.Activator -------------------------------------------------------------------
 
+    def _attach_capture(self, img: LoadedImage, manifest: mf.Manifest | None) -> None:
+        if manifest is None or self.sink is None:
+            return
+        settings = CaptureSettings.from_manifest(manifest.data_collection)
+        if not settings.active:
+            return
+        lineage = {
+            "device_id": self.cfg.device_id, "deployment_id": manifest.deployment_id,
+            "rollout_id": manifest.rollout_id, "generation": manifest.generation,
+            "image": {"name": img.name, "version": img.version, "sha256": img.sha256},
+        }  # fmt: skip
+        img.capturer = Capturer(self.sink, settings, lineage)
+
     def prepare(self, image_dir: Path, manifest: mf.Manifest) -> LoadedImage:
         img = self.runtime.load(image_dir, manifest.runtime)
+        self._attach_capture(img, manifest)
         try:
             took = self.scorer.smoke_test(img)
         except BaseException:

@@ -129,8 +129,10 @@ class Uploader:
             try:
                 self.run_once(force=force)
             except Exception as exc:  # the uploader must outlive any storage or bug surprise
+                known = hasattr(exc, "code")  # an EdgeError: storage said no, the message says why
+                if (self.state.last_error or {}).get("message") != str(exc) or not known:
+                    log.warning("sync.failed", error=str(exc), exc_info=not known)
                 self._fail(exc)
-                log.error("sync.failed", exc_info=True)
             self._kick.wait(self.interval_s)
 
     # --- one pass ------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ class OperatorClient:
             client.subscribe(f"{self.prefix}/devices/+/status", qos=1)
             client.subscribe(f"{self.prefix}/devices/+/online", qos=1)
             client.subscribe(f"{self.prefix}/devices/+/inventory", qos=1)
+            client.subscribe(f"{self.prefix}/devices/+/heartbeat", qos=0)
             self._connected.set()
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _rc: Any, _p: Any = None) -> None:
