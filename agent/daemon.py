@@ -21,7 +21,7 @@ from agent.serving import Serving
 from agent.state import StateDB
 from agent.store import BundleStore
 from agent.telemetry import Telemetry
-from cloud_sync.backend import open_backend
+from cloud_sync.backend import BlobError, open_backend
 from cloud_sync.uploader import Uploader
 
 log = get_logger("agent")
@@ -69,11 +69,15 @@ class Agent:
         self._stop = threading.Event()
         sc = cfg.sync
         # The embedded default store is created; a configured directory must exist (it is a mount).
-        self.backend = open_backend(
-            sc.url or (cfg.state_dir / "outbox").as_uri(), create=not sc.url, retries=sc.retries,
-            backoff_min=sc.backoff_min, backoff_max=sc.backoff_max, bandwidth=sc.bandwidth or None,
-            should_stop=self._stop.is_set,
-        )  # fmt: skip
+        opts = {} if sc.url else {"create": True}
+        try:
+            self.backend = open_backend(
+                sc.url or (cfg.state_dir / "outbox").as_uri(), retries=sc.retries, backoff_min=sc.backoff_min,
+                backoff_max=sc.backoff_max, bandwidth=sc.bandwidth or None, should_stop=self._stop.is_set,
+                **opts,
+            )  # fmt: skip
+        except BlobError as exc:
+            raise ConfigError("sync.url", exc.message + (f" ({exc.hint})" if exc.hint else "")) from None
         self.uploader = Uploader(
             self.buffer, self.backend, cfg.device_id, self.db, batch_max_records=sc.batch_max_records,
             batch_max_bytes=sc.batch_max_bytes, max_batch_age_s=sc.max_batch_age, interval_s=sc.interval,
