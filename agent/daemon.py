@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -82,13 +83,17 @@ class Agent:
             self.buffer, self.backend, cfg.device_id, self.db, batch_max_records=sc.batch_max_records,
             batch_max_bytes=sc.batch_max_bytes, max_batch_age_s=sc.max_batch_age, interval_s=sc.interval,
         )  # fmt: skip
+        self.serving.metrics.telemetry_source = self._telemetry_state
         self.telemetry = Telemetry(
             cfg.device_id, cfg.state_dir, self.serving.metrics,
             put=lambda cls, payload, ts: self.buffer.put(RecordClass(cls), payload, ts=ts),
             heartbeat=self.channel.report_heartbeat,
-            extra=lambda: {"buffer": self.buffer.stats(), "sync": self.uploader.state.as_dict()},
+            extra=self._telemetry_state,
             interval_s=cfg.telemetry.interval,
         )  # fmt: skip
+
+    def _telemetry_state(self) -> dict[str, Any]:
+        return {"buffer": self.buffer.stats(), "sync": self.uploader.state.as_dict()}
 
     def _on_connect(self) -> None:
         inv = inventory.collect(self.cfg.device_id, self.cfg.state_dir)

@@ -4,6 +4,7 @@ plus the agent's own process metrics (RSS, CPU, open files) from the standard pr
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
@@ -92,6 +93,25 @@ class Metrics:
         )
         self.swaps = Gauge("edge_runtime_swaps", "Images made current since the agent started", registry=r)
         self._window: dict[tuple[str, str], _Window] = {}
+        #: the buffer's and the uploader's state ({"buffer": Buffer.stats(), "sync": SyncState}), read
+        #: at scrape time only
+        self.telemetry_source: Callable[[], dict[str, Any]] | None = None
+        self.buffered = Gauge(
+            "edge_buffer_records", "Records waiting in the telemetry buffer", ["cls"], registry=r
+        )
+        self.buffer_bytes = Gauge("edge_buffer_bytes", "Disk used by the telemetry buffer", registry=r)
+        self.dropped = Gauge(
+            "edge_buffer_dropped_records",
+            "Records dropped since the buffer was created",
+            ["cls", "reason"],
+            registry=r,
+        )
+        self.uploaded = Gauge(
+            "edge_sync_uploaded_records", "Records uploaded since the agent started", ["cls"], registry=r
+        )
+        self.sync_failing = Gauge(
+            "edge_sync_failing", "1 while the last upload attempt failed", ["code"], registry=r
+        )
         self.image = Gauge(
             "edge_runtime_image_info",
             "The image serving requests (value 1)",
@@ -118,10 +138,26 @@ class Metrics:
         return {f"{model}@{version}": {"model": model, "version": version, **w.summary()}
                 for (model, version), w in window.items()}  # fmt: skip
 
+    def _telemetry(self, doc: dict[str, Any]) -> None:
+        buf, sync = doc.get("buffer") or {}, doc.get("sync") or {}
+        for cls, c in (buf.get("classes") or {}).items():
+            self.buffered.labels(cls).set(c["records"])
+        self.buffer_bytes.set(buf.get("size_bytes", 0))
+        for cls, reasons in (buf.get("dropped") or {}).items():
+            for reason, n in reasons.items():
+                self.dropped.labels(cls, reason).set(n["records"])
+        for cls, n in (sync.get("records_per_class") or {}).items():
+            self.uploaded.labels(cls).set(n)
+        self.sync_failing.clear()
+        if err := sync.get("last_error"):
+            self.sync_failing.labels(err.get("code", "")).set(1)
+
     def rejected(self, reason: str) -> None:
         self.refused.labels(reason).inc()
 
     def render(self, runtime: Runtime) -> tuple[bytes, str]:
+        if self.telemetry_source is not None:
+            self._telemetry(self.telemetry_source())
         self.swaps.set(runtime.swaps)
         self.image.clear()
         if (img := runtime.current) is not None:

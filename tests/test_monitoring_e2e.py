@@ -92,4 +92,7 @@ def test_captures_metrics_and_heartbeats_reach_storage(rig: Rig) -> None:
     )
     cap = beat["buffer"]["classes"]["capture"]
     assert cap["records"] == 0 and cap["acked"]["records"] == n  # nothing left behind, nothing twice
+    text = httpx.get(status["runtime"]["api"] + "/metrics").text
+    assert f'edge_sync_uploaded_records{{cls="capture"}} {float(n)}' in text
+    assert 'edge_buffer_records{cls="capture"} 0.0' in text and "edge_buffer_bytes " in text
     assert agent.running
