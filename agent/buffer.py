@@ -8,24 +8,23 @@ kept in one bounded SQLite file (WAL) until the uploader has shipped them (docs/
     ...upload, and only once the upload is confirmed:
     buf.ack(RecordClass.INFERENCE, range(batch[0].seq, batch[-1].seq + 1))
 
-Writes never block inference: :meth:`Buffer.put` appends a tuple to an in-memory segment under a
-lock held for a few hundred nanoseconds; one writer thread commits whole segments, one transaction
-each. A commit that takes the buffer over its disk budget deletes, in the same transaction, the
-lowest-priority oldest records and adds them to the persisted drop counters, so the counters and the
-deletions can never disagree, even after kill -9.
+Writes never block inference: :meth:`Buffer.put` appends a tuple to an in-memory batch under a
+lock held for a few hundred nanoseconds; one writer thread commits whole batches, one transaction
+each (several at once when it has fallen behind). A commit that takes the buffer over its disk
+budget deletes, in the same transaction, the lowest-priority oldest records and adds them to the
+persisted drop counters, so the counters and the deletions can never disagree, even after kill -9.
 """
 
 from __future__ import annotations
 
 import contextlib
-import heapq
 import itertools
 import math
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -63,13 +62,12 @@ DEFAULT_PRIORITIES: Final[Mapping[RecordClass, int]] = {
 }
 
 MIB: Final = 1 << 20
-SCHEMA_VERSION: Final = 1
 #: A writer that fell behind commits up to this many sealed batches in one transaction.
 MERGE_BATCHES: Final = 8
 #: Tries of one transaction before its records are dropped as write_error (with backoff in between).
 WRITE_ATTEMPTS: Final = 5
-#: The -shm file: 32 KiB for any WAL up to ~4000 frames, and ours are smaller (docs/buffer.md).
-SHM_BYTES: Final = 32 << 10
+#: The -shm file (the WAL index) grows by 32 KiB per 4096 WAL frames (the first block holds 4062).
+SHM_BLOCK: Final = 32 << 10
 #: Upper bound of SQLite's per-row cost beyond the payload (cell header, rowid, ts, priority).
 ROW_OVERHEAD: Final = 40
 _PRIO_MIN, _PRIO_MAX = -(2**31), 2**31 - 1
@@ -109,6 +107,7 @@ def _migration_v1() -> list[str]:
 
 #: MIGRATIONS[i] takes user_version i to i + 1, in one transaction with the version bump.
 MIGRATIONS: Final[tuple[list[str], ...]] = (_migration_v1(),)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
 class BufferUnavailable(EdgeError):
@@ -234,6 +233,7 @@ class Buffer:
         self._unlogged: dict[str, int] = {}
         self._last_evict_log = -math.inf
         self._incremental = False
+        self._shrink_pages = 0  # the file is this many pages over its cap: shrink after the commit
         self._tiers: list[int] = []
         self._pad: list[None] = []
         self._insert_sql: dict[tuple[str, int], str] = {}
@@ -251,8 +251,10 @@ class Buffer:
         # Checkpoint when the WAL reaches 1/32 of the budget (SQLite's default, 1000 pages, at most).
         self._wal_pages = _clamp(self._budget // 32 // ps, 16, 1000)
         # The WAL reaches the checkpoint threshold plus one transaction, each frame a page + 24 bytes.
-        self._wal_max = (self._wal_pages + txn_pages) * (ps + 24) + 32
-        file_cap = self._budget - SHM_BYTES - self._wal_max
+        wal_frames = self._wal_pages + txn_pages
+        self._wal_max = wal_frames * (ps + 24) + 32
+        shm = SHM_BLOCK * (1 + wal_frames // 4062)
+        file_cap = self._budget - shm - self._wal_max
         high = file_cap - txn_pages * ps
         if high < max(self._budget // 4, 2 * txn_pages * ps):
             raise ConfigError(
@@ -373,23 +375,23 @@ class Buffer:
         db.execute("BEGIN IMMEDIATE")
         try:
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > len(MIGRATIONS):
+            if version > SCHEMA_VERSION:
                 raise BufferUnavailable(
-                    f"{self.path} has schema version {version}, newer than this agent's {len(MIGRATIONS)}",
+                    f"{self.path} has schema version {version}, newer than this agent's {SCHEMA_VERSION}",
                     "a newer agent wrote it: upgrade the agent again, or move the file away to start empty",
                 )
-            for i in range(version, len(MIGRATIONS)):
+            for i in range(version, SCHEMA_VERSION):
                 for stmt in MIGRATIONS[i]:
                     db.execute(stmt)
             # user_version lives in the file header, so it commits (or not) with the migration.
-            db.execute(f"PRAGMA user_version={len(MIGRATIONS)}")
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise
-        if version < len(MIGRATIONS):
-            log.info("buffer.migrated", path=str(self.path), from_version=version, to_version=len(MIGRATIONS))
+        if version < SCHEMA_VERSION:
+            log.info("buffer.migrated", path=str(self.path), from_version=version, to_version=SCHEMA_VERSION)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every record put before this call is committed (or dropped). True when all of
@@ -468,19 +470,27 @@ class Buffer:
                 rows = self._seg[cls]  # KeyError for an unknown class: counted below
                 if not self._accepting:
                     return False
-                if self._queued >= self._queue_max or self._queued_bytes + n > self._queue_max_bytes:
+                full = self._queued >= self._queue_max or self._queued_bytes + n > self._queue_max_bytes
+                if full:
                     c = self._dropped.setdefault((str(cls), DropReason.QUEUE_FULL), [0, 0])
                     c[0] += 1
                     c[1] += n
                     self._kick = True
-                    return False
-                rows.append(row)
-                self._queued += 1
-                self._queued_bytes += n
-                self._seg_n += 1
-                self._seg_b += n
-                if self._seg_n >= self._batch_max or self._seg_b >= self._txn_bytes:
-                    self._seal()
+                else:
+                    rows.append(row)
+                    self._queued += 1
+                    self._queued_bytes += n
+                    self._seg_n += 1
+                    self._seg_b += n
+                    if self._seg_n >= self._batch_max or self._seg_b >= self._txn_bytes:
+                        self._seal()
+            if full:
+                # The writer is behind. If this thread keeps the GIL busy, the writer (which needs
+                # the GIL back after every sqlite3 call) may hardly run at all, and the refusals go
+                # on and on. Releasing the GIL once, outside the lock, lets it run. This is not a
+                # wait for I/O: the record is refused either way (docs/buffer.md, "The write path").
+                time.sleep(0)
+                return False
             return True
         except Exception:
             with contextlib.suppress(Exception):
@@ -649,10 +659,16 @@ class Buffer:
             w.execute("COMMIT")
         except BaseException:
             self._est_used = None  # what the rolled-back transaction did to the pages is unknown
+            self._shrink_pages = 0
             with contextlib.suppress(sqlite3.Error):
                 w.execute("ROLLBACK")
             raise
         self._est_used = est
+        if self._shrink_pages:
+            try:
+                self._shrink(w)
+            except sqlite3.Error as e:  # the records are committed: this must not fail their write
+                log.error("buffer.shrink_failed", path=str(self.path), error=str(e))
         for c, reason, r, b in changed:
             self._persisted[(c, reason)] = (r, b)
         for k, (r, b) in evicted.items():
@@ -702,68 +718,104 @@ class Buffer:
                 if not self._evict(w, (used - self._low_pages) * self._page_size, evicted):
                     break  # nothing left to evict: the schema alone is over budget (it never is)
                 used, total = self._pages(w)
-            if self._incremental and total > self._file_cap_pages:
-                # Free pages are kept for reuse (cheaper than shrinking the file and growing it
-                # again). It only passes its cap when budget_bytes was lowered: shrink it then.
-                w.execute(f"PRAGMA incremental_vacuum({total - self._file_cap_pages})").fetchall()
-        elif self._incremental and total > self._file_cap_pages:
-            w.execute(f"PRAGMA incremental_vacuum({total - self._file_cap_pages})").fetchall()
+        if self._incremental and total > self._file_cap_pages:
+            # Free pages are kept for reuse (cheaper than shrinking the file and growing it again),
+            # so the file only passes its cap when budget_bytes was lowered: shrink it after the
+            # commit (see _shrink).
+            self._shrink_pages = total - self._file_cap_pages
         return used, {k: (r, b) for k, (r, b) in evicted.items()}
 
+    def _shrink(self, w: sqlite3.Connection) -> None:
+        """Move pages from the end of the file into free ones and truncate it (a transaction of its
+        own), then checkpoint so that the file on disk shrinks now rather than at some later
+        checkpoint. executescript, because incremental_vacuum frees one page per sqlite3_step and
+        execute() steps statements without result columns only once."""
+        pages, self._shrink_pages = self._shrink_pages, 0
+        w.executescript(f"PRAGMA incremental_vacuum({pages})")
+        w.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        log.info(
+            "buffer.shrunk", path=str(self.path), pages=pages, size_bytes=self._pages(w)[1] * self._page_size
+        )
+        self._est_used = None
+
     def _groups(self, w: sqlite3.Connection) -> list[tuple[int, str, str, tuple[int, ...]]]:
-        """(priority, class, WHERE clause, its parameters) of every non-empty priority group."""
+        """(priority, class, WHERE clause, its parameters) of every non-empty priority group: the
+        rows of a class that follow the class's priority, and one group per put(priority=...)."""
         groups: list[tuple[int, str, str, tuple[int, ...]]] = []
-        for cls in RecordClass:
-            t = _table(cls)
-            if w.execute(f"SELECT 1 FROM {t} WHERE priority IS NULL LIMIT 1").fetchone():
+        for cls, prio in w.execute(_GROUPS_SQL):
+            if prio is None:
                 groups.append((self._prio[cls], cls, "priority IS NULL", ()))
-            for (p,) in w.execute(f"SELECT DISTINCT priority FROM {t} WHERE priority IS NOT NULL"):
-                groups.append((p, cls, "priority = ?", (p,)))
+            else:
+                groups.append((prio, cls, "priority = ?", (prio,)))
         return groups
 
+    # Eviction is a handful of statements whatever it deletes: the victims are found by window
+    # functions inside SQLite, never stepped through row by row in Python, because every step would
+    # release the GIL, and under a busy hot path each release costs the writer up to 5 ms.
+
     def _evict(self, w: sqlite3.Connection, need: int, evicted: dict[tuple[str, str], list[int]]) -> bool:
-        """Delete about ``need`` bytes of the lowest-priority records, oldest (by ts) first across the
-        groups of that priority, each group in seq order. False when there is nothing to delete."""
+        """Delete at least ``need`` bytes (payload + ROW_OVERHEAD per row) of the lowest-priority
+        records, oldest first: in seq order within one group; by ts across the groups of that
+        priority when there are several. False when there is nothing left to delete."""
         groups = self._groups(w)
         if not groups:
             return False
         lowest = min(g[0] for g in groups)
         level = [g for g in groups if g[0] == lowest]
-        cursors = [
-            w.execute(f"SELECT ts, seq, length(payload) FROM {_table(cls)} WHERE {cond} ORDER BY seq", args)
-            for _, cls, cond, args in level
-        ]
-
-        def rows(i: int) -> Iterator[tuple[float, int, int, int]]:
-            cur = cursors[i]
-            while chunk := cur.fetchmany(512):
-                for ts, seq, size in chunk:
-                    yield ts, i, seq, size
-
-        last = [0] * len(level)
-        count = [0] * len(level)
-        nbytes = [0] * len(level)
-        freed = 0
-        merged = rows(0) if len(level) == 1 else heapq.merge(*(rows(i) for i in range(len(level))))
-        for _ts, i, seq, size in merged:
-            last[i], count[i], nbytes[i] = seq, count[i] + 1, nbytes[i] + size
-            freed += size + ROW_OVERHEAD
-            if freed >= need:
-                break
-        for cur in cursors:
-            cur.close()  # before deleting from the tables they read
-        for i, (_, cls, cond, args) in enumerate(level):
-            if not count[i]:
-                continue
-            deleted = w.execute(
-                f"DELETE FROM {_table(cls)} WHERE {cond} AND seq <= ?", (*args, last[i])
-            ).rowcount
-            if deleted != count[i]:  # impossible inside our own write transaction: say so if it happens
-                log.error("buffer.evict_mismatch", cls=cls, expected=count[i], deleted=deleted)
-            c = evicted.setdefault((cls, DropReason.BUDGET), [0, 0])
-            c[0] += deleted
-            c[1] += nbytes[i]
+        if len(level) == 1:
+            _, cls, cond, args = level[0]
+            t = _table(cls)
+            # The window streams along the primary key and stops at the first row that reaches
+            # ``need``: the cost is the prefix deleted, not the table.
+            row = w.execute(
+                "SELECT seq, n, bytes FROM (SELECT seq, row_number() OVER win AS n, "
+                "sum(length(payload)) OVER win AS bytes, "
+                f"sum(length(payload) + {ROW_OVERHEAD}) OVER win AS run "
+                f"FROM {t} WHERE {cond} WINDOW win AS (ORDER BY seq ROWS UNBOUNDED PRECEDING)) "
+                "WHERE run >= ? LIMIT 1",
+                (*args, need),
+            ).fetchone()
+            if row is None:  # the whole group is less than needed: all of it goes
+                row = w.execute(
+                    f"SELECT max(seq), count(*), coalesce(sum(length(payload)), 0) FROM {t} WHERE {cond}",
+                    args,
+                ).fetchone()
+            last, count, nbytes = row
+            deleted = w.execute(f"DELETE FROM {t} WHERE {cond} AND seq <= ?", (*args, last)).rowcount
+            self._count_evicted(evicted, cls, deleted, count, nbytes)
+            return True
+        # Several groups share the lowest priority: find the ts up to which they hold ``need``
+        # bytes, then delete every row of theirs up to it (this sorts them: a rare configuration).
+        union = " UNION ALL ".join(
+            f"SELECT ts, length(payload) + {ROW_OVERHEAD} AS size FROM {_table(cls)} WHERE {cond}"
+            for _, cls, cond, _ in level
+        )
+        params = [a for g in level for a in g[3]]
+        row = w.execute(
+            f"SELECT ts FROM (SELECT ts, sum(size) OVER (ORDER BY ts ROWS UNBOUNDED PRECEDING) AS run "
+            f"FROM ({union})) WHERE run >= ? LIMIT 1",
+            (*params, need),
+        ).fetchone()
+        cutoff = math.inf if row is None else row[0]
+        for _, cls, cond, args in level:
+            t = _table(cls)
+            count, nbytes = w.execute(
+                f"SELECT count(*), coalesce(sum(length(payload)), 0) FROM {t} WHERE {cond} AND ts <= ?",
+                (*args, cutoff),
+            ).fetchone()
+            if count:
+                deleted = w.execute(f"DELETE FROM {t} WHERE {cond} AND ts <= ?", (*args, cutoff)).rowcount
+                self._count_evicted(evicted, cls, deleted, count, nbytes)
         return True
+
+    def _count_evicted(
+        self, evicted: dict[tuple[str, str], list[int]], cls: str, deleted: int, expected: int, nbytes: int
+    ) -> None:
+        if deleted != expected:  # impossible inside our own write transaction: say so if it happens
+            log.error("buffer.evict_mismatch", cls=cls, expected=expected, deleted=deleted)
+        c = evicted.setdefault((cls, DropReason.BUDGET), [0, 0])
+        c[0] += deleted
+        c[1] += nbytes
 
     def _log_evictions(self, evicted: Mapping[tuple[str, str], tuple[int, int]]) -> None:
         """At most one warning a minute, with the evictions since the last one."""
@@ -933,3 +985,11 @@ class Buffer:
             "size_bytes": self.size_bytes(),
             "budget_bytes": self._budget,
         }
+
+
+# One statement for every class's priority groups (see Buffer._groups).
+_GROUPS_SQL: Final = " UNION ALL ".join(
+    f"SELECT '{cls}', NULL FROM (SELECT 1 FROM {_table(cls)} WHERE priority IS NULL LIMIT 1) "
+    f"UNION ALL SELECT DISTINCT '{cls}', priority FROM {_table(cls)} WHERE priority IS NOT NULL"
+    for cls in RecordClass
+)

@@ -49,7 +49,7 @@ class OperatorClient:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
-        self._client.reconnect_delay_set(min_delay=1, max_delay=10)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=5)
         self._host, self._port = host, port
 
     def __enter__(self) -> OperatorClient:
@@ -93,7 +93,7 @@ class OperatorClient:
             self._reports[(parts[2], parts[3])] = doc
             self._cond.notify_all()
 
-    def publish_manifest(self, device_id: str, envelope: bytes, timeout: float = 10.0) -> None:
+    def publish_manifest(self, device_id: str, envelope: bytes, timeout: float = 30.0) -> None:
         if not self._connected.wait(timeout):
             raise TimeoutError(f"not connected to the broker {self._host}:{self._port} for {timeout}s")
         info = self._client.publish(Topics(self.prefix, device_id).desired, envelope, qos=1, retain=True)

@@ -37,7 +37,7 @@ def test_broker_outage_then_reconnect_and_deploy(rig: Rig) -> None:
     assert all(0 < d <= 2.0 for d in delays)  # reconnect_max in the rig's config
     assert len(set(delays)) > 1  # jittered, not a fixed period
 
-    rig.op.wait_for("dev-c", lambda o: o.get("online") is True, kind="online", timeout=20)
+    rig.op.wait_for("dev-c", lambda o: o.get("online") is True, kind="online", timeout=40)
     rig.deploy("dev-c", rig.manifest("dev-c", rig.build_bundle("m", "2"), 2))
     rig.wait_active("dev-c", 2)
 
