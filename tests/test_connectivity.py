@@ -27,7 +27,7 @@ def test_broker_outage_then_reconnect_and_deploy(rig: Rig) -> None:
     assert wait_until(lambda: '"mqtt.reconnect_wait"' in agent.log_text(), timeout=10)
     assert wait_until(lambda: agent.log_text().count('"mqtt.reconnect_wait"') >= 3, timeout=15)
     rig.broker.start()  # same port, same persistence
-    assert wait_until(lambda: agent.log_text().count('"mqtt.connected"') >= 2, timeout=20), agent.log_text()[
+    assert wait_until(lambda: agent.log_text().count('"mqtt.connected"') >= 2, timeout=40), agent.log_text()[
         -2000:
     ]
     assert agent.running
