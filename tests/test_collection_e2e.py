@@ -11,6 +11,7 @@ import gzip
 import json
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +172,28 @@ def test_an_upload_that_landed_but_was_not_acknowledged_is_not_duplicated(
     buf.close()
     backend.close()
     db.close()
+
+
+@pytest.mark.parametrize(
+    ("make_url", "code", "words"),
+    [
+        (lambda az: az.container_url(CONTAINER, expiry=timedelta(hours=-1)), "blob_access_denied", "expired"),
+        (lambda az: az.container_url("no-such-container"), "blob_container_not_found", "no-such-container"),
+    ],
+    ids=["expired-sas", "missing-container"],
+)
+def test_storage_refusals_are_a_clear_status_and_keep_the_records(
+    tmp_path: Path, azurite: Azurite, make_url: Any, code: str, words: str
+) -> None:
+    with Rig(tmp_path / "rig") as rig:
+        agent = rig.add_device(DEV, {
+            "telemetry": {"interval": 0.3, "flush_interval": 0.05},
+            "sync": {"url": make_url(azurite), "interval": 0.2, "max_batch_age": 0.1, "retries": 1},
+        }).start()  # fmt: skip
+        beat = heartbeat(rig, lambda h: h["sync"]["last_error"] is not None)
+        err = beat["sync"]["last_error"]
+        assert err["code"] == code and words in err["message"], err
+        assert "sig=" not in json.dumps(beat)  # the SAS signature never leaks into reports
+        kept = heartbeat(rig, lambda h: h["buffer"]["classes"]["system"]["records"] >= 2)
+        assert kept["buffer"]["dropped"] == {} and kept["sync"]["records"] == 0
+        assert agent.running
