@@ -108,9 +108,8 @@ class ScoringApp:
                 await self._score(scope, send, body)
                 return
             if path.startswith("/v2/models/") and path.endswith("/infer"):
-                parts = path.split(
-                    "/"
-                )  # ['', 'v2', 'models', name, 'infer'] or [..., 'versions', v, 'infer']
+                # ['', 'v2', 'models', name, 'infer'] or ['', 'v2', 'models', name, 'versions', v, 'infer']
+                parts = path.split("/")
                 if len(parts) in (5, 7):
                     await self._infer(scope, send, parts[3], body, parts[5] if len(parts) == 7 else None)
                     return
