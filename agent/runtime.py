@@ -163,7 +163,7 @@ class LoadedImage:
             self._inflight -= 1
             close = self._retired and self._inflight == 0
         if close:
-            self.close()
+            self._close_in_background()
 
     def retire(self) -> None:
         """No new requests will come; close once the ones in flight are done."""
@@ -171,7 +171,12 @@ class LoadedImage:
             self._retired = True
             close = self._inflight == 0
         if close:
-            self.close()
+            self._close_in_background()
+
+    def _close_in_background(self) -> None:
+        # Stopping score.py workers takes tens of milliseconds; the last request of a retired image
+        # releases it on the API's event loop, which must not stall for that.
+        threading.Thread(target=self.close, name="image-close", daemon=True).start()
 
     def close(self) -> None:
         if self.worker is not None:
@@ -241,7 +246,8 @@ class Runtime:
             old.retire()
 
     def close(self) -> None:
+        """At shutdown, after the API stopped (no request in flight): close synchronously."""
         with self._lock:
             old, self._current = self._current, None
         if old is not None:
-            old.retire()
+            old.close()

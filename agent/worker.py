@@ -26,6 +26,7 @@ digest; each line the user's code writes to stdout or stderr becomes a ``worker.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -388,6 +389,15 @@ class _Worker:
 # --- the pool --------------------------------------------------------------------------------
 
 
+class _Box:
+    """A waiting request's slot, into which a released worker is handed."""
+
+    __slots__ = ("worker",)
+
+    def __init__(self) -> None:
+        self.worker: _Worker | None = None
+
+
 class WorkerPool:
     """``size`` worker processes running one image's entry script; see the module docstring.
 
@@ -429,6 +439,8 @@ class WorkerPool:
         self._cond = threading.Condition(self._lock)
         self._slots: list[_Worker | None] = [None] * size
         self._idle: list[_Worker] = []
+        #: requests waiting for a worker, oldest first (first come, first served)
+        self._waiters: collections.deque[_Box] = collections.deque()
         self._fails = [0] * size
         self._started = False
         self._closed = False
@@ -558,14 +570,25 @@ class WorkerPool:
     # --- requests --------------------------------------------------------------------------
 
     def _acquire(self, deadline: float) -> _Worker:
+        """An idle worker, or a place in the queue for the next one. First come, first served: a
+        released worker is handed to the longest-waiting request (see _offer_locked), so a thread
+        that just finished cannot take its worker back ahead of requests already waiting."""
         dead: list[tuple[_Worker, float | None]] = []
+        box = _Box()
+        queued = False
         try:
             with self._cond:
                 self._requests += 1
                 while True:
+                    if box.worker is not None:
+                        w, box.worker = box.worker, None
+                        if not w.has_exited():
+                            return w
+                        self._crashes += 1  # died between the hand-off and now: wait for the next one
+                        dead.append((w, self._mark_dead_locked(w)))
                     if self._closed:
                         raise WorkerUnavailable("the image's scoring workers are stopped", "retry")
-                    while self._idle:
+                    while self._idle and not self._waiters:
                         w = self._idle.pop()  # LIFO: the most recently used worker has warm caches
                         if w.has_exited():  # died while idle; its output pump may not know yet
                             self._crashes += 1
@@ -573,7 +596,7 @@ class WorkerPool:
                             continue
                         w.state = "busy"
                         return w
-                    if not any(w is not None and w.state == "busy" for w in self._slots):
+                    if not any(w is not None and w.state in ("busy", "idle") for w in self._slots):
                         raise WorkerUnavailable(
                             "no scoring worker is running: "
                             + ("they are starting" if not self._started else "a new one is starting"),
@@ -585,10 +608,29 @@ class WorkerPool:
                             f"all {self.size} scoring workers stayed busy for {self.timeout_s:g} s",
                             "retry later, or raise runtime.workers",
                         )
+                    if not queued:
+                        self._waiters.append(box)
+                        queued = True
                     self._cond.wait(remaining)
         finally:
+            if queued:
+                with self._cond:
+                    if box in self._waiters:
+                        self._waiters.remove(box)
             for w, delay in dead:
                 self._finish_retire(w, "exited while idle", delay)
+
+    def _offer_locked(self, w: _Worker) -> None:
+        """A worker became free: to the longest-waiting request if there is one, else to the idle list."""
+        if self._waiters:
+            box = self._waiters.popleft()
+            box.worker = w
+            w.state = "busy"
+            self._cond.notify_all()  # each waiter looks at its own box
+            return
+        w.state = "idle"
+        self._idle.append(w)
+        self._cond.notify()
 
     def _score(self, raw: bytes) -> ScoreResult:
         w = self._acquire(time.monotonic() + self.timeout_s)
@@ -638,9 +680,7 @@ class WorkerPool:
                 w.state = "dead"
                 w.close()  # stop() is waiting for it: end of input makes it exit
                 return
-            w.state = "idle"
-            self._idle.append(w)
-            self._cond.notify()
+            self._offer_locked(w)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -713,9 +753,7 @@ class WorkerPool:
 
     def _make_idle_locked(self, w: _Worker) -> None:
         if w.state == "starting":
-            w.state = "idle"
-            self._idle.append(w)
-            self._cond.notify()
+            self._offer_locked(w)
 
     def _mark_dead_locked(self, w: _Worker) -> float | None:
         """Take ``w`` out of the pool; returns the respawn delay, or None if there is no respawn."""

@@ -536,3 +536,25 @@ def test_listed_wheels_must_be_wheel_files_in_the_image(tmp_path: Path, wheel: s
     (tmp_path / "images" / "outside-1.0-py3-none-any.whl").write_bytes(b"")
     with pytest.raises(ImageEnvError):
         ensure_image_env(image, tmp_path / "envs", [wheel], fsync=False)
+
+
+def test_requests_are_served_first_come_first_served(tmp_path: Path, pools: Callable[..., WorkerPool]) -> None:
+    """With more callers than workers, a thread that just got an answer cannot take the worker back
+    ahead of callers already waiting: every caller gets a fair share, none waits for seconds."""
+    pool = pools(make_image(tmp_path, "def run(raw):\n    return raw\n"), size=1, timeout_s=10)
+    counts = [0] * 4
+    stop = threading.Event()
+
+    def caller(i: int) -> None:
+        while not stop.is_set():
+            pool.run(b'"x"')
+            counts[i] += 1
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert min(counts) > 0.5 * max(counts), counts  # unfair hand-off gave shares like 977 / 15012
