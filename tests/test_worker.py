@@ -538,7 +538,9 @@ def test_listed_wheels_must_be_wheel_files_in_the_image(tmp_path: Path, wheel: s
         ensure_image_env(image, tmp_path / "envs", [wheel], fsync=False)
 
 
-def test_requests_are_served_first_come_first_served(tmp_path: Path, pools: Callable[..., WorkerPool]) -> None:
+def test_requests_are_served_first_come_first_served(
+    tmp_path: Path, pools: Callable[..., WorkerPool]
+) -> None:
     """With more callers than workers, a thread that just got an answer cannot take the worker back
     ahead of callers already waiting: every caller gets a fair share, none waits for seconds."""
     pool = pools(make_image(tmp_path, "def run(raw):\n    return raw\n"), size=1, timeout_s=10)
