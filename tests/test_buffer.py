@@ -480,3 +480,21 @@ def test_sigkill_while_writing_loses_at_most_the_uncommitted_records(tmp_path: P
         assert put - committed <= 100_000
         next_index = committed
     assert next_index > 6 * 2000
+
+
+def test_acks_stay_within_the_budget(tmp_path: Path) -> None:
+    """Acks delete on the reader's connection: it must not zero and log every freed page (SQLite
+    builds with secure_delete on did that, and a full ack pushed the files past the budget)."""
+    budget = 16 << 20
+    buf = Buffer(tmp_path / "b.db", budget_bytes=budget, flush_interval_s=0.01, queue_max=20_000)
+    buf.start()
+    try:
+        payload = b"x" * 1900
+        for _ in range(5000):  # about 9.5 MiB of records
+            assert buf.put(RecordClass.CAPTURE, payload)
+        assert buf.flush(30)
+        while batch := buf.read_batch(RecordClass.CAPTURE, 5000, 16 << 20):
+            buf.ack(RecordClass.CAPTURE, [r.seq for r in batch])
+            assert buf.size_bytes() <= budget, buf.size_bytes()
+    finally:
+        buf.close()
