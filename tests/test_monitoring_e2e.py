@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -96,3 +97,39 @@ def test_captures_metrics_and_heartbeats_reach_storage(rig: Rig) -> None:
     assert f'edge_sync_uploaded_records{{cls="capture"}} {float(n)}' in text
     assert 'edge_buffer_records{cls="capture"} 0.0' in text and "edge_buffer_bytes " in text
     assert agent.running
+
+
+def test_a_broker_outage_stops_neither_serving_nor_collection(rig: Rig) -> None:
+    """With the broker gone, local scoring, capture and uploads go on; heartbeats are skipped (never
+    queued stale) and resume, and the control channel takes the next deployment."""
+    outbox = rig.workdir / "outbox-2"
+    outbox.mkdir()
+    dev = "dev-mon-2"
+    rig.add_device(dev, {
+        "telemetry": {"interval": 0.3, "flush_interval": 0.05},
+        "sync": {"url": outbox.as_uri(), "interval": 0.2, "max_batch_age": 0.2},
+    }).start()  # fmt: skip
+    model = models.mlp(rig.workdir / "m2" / "mlp.onnx", sizes=(4, 8, 2))
+    b = build_image(rig.bundles_dir / "mon2-1.tar", "mon2", "1", {"mlp": model}).path
+    rig.deploy(dev, rig.manifest(dev, b, 1, data_collection={"enabled": True, "sample_rate": 1.0}))
+    api = rig.wait_active(dev, 1)["runtime"]["api"]
+
+    rig.broker.stop()
+    body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0.1, 0.2, 0.3, 0.4]}]}
+    with httpx.Client(base_url=api) as c:
+        for i in range(40):
+            assert (
+                c.post("/v2/models/mlp/infer", json=body, headers={"x-request-id": f"off-{i}"}).status_code
+                == 200
+            )
+
+    def uploaded() -> set[str]:
+        return {r["request_id"] for p in outbox.glob(f"{dev}/capture/*/*/*/*.jsonl.gz")
+                for r in map(json.loads, gzip.decompress(p.read_bytes()).splitlines())}  # fmt: skip
+
+    assert wait_until(lambda: {f"off-{i}" for i in range(40)} <= uploaded(), timeout=20)
+    time.sleep(1.0)  # several heartbeat intervals with no broker
+    rig.broker.start()
+    rig.op.wait_for(dev, lambda h: h["ts"] > time.time() - 5, kind="heartbeat", timeout=40)
+    rig.deploy(dev, rig.manifest(dev, b, 2, data_collection={"enabled": True, "sample_rate": 1.0}))
+    rig.wait_active(dev, 2, timeout=40)
