@@ -113,13 +113,14 @@ class Capturer:
         if size > s.max_payload_bytes:
             self.truncated += 1
             rec = head + b',"truncated":true,"payload_bytes":%d}' % size
-        else:
-            rec = head
+        else:  # one join: captured bodies can be kilobytes, and += would copy them twice
+            parts = [head]
             if s.inputs:
-                rec += b',"input":' + (body or b"null")
+                parts += (b',"input":', body or b"null")
             if s.outputs:
-                rec += b',"output":' + (out or b"null")
-            rec += b"}"
+                parts += (b',"output":', out or b"null")
+            parts.append(b"}")
+            rec = b"".join(parts)
         assert self.sink is not None
         if not self.sink.put(CLASS, rec, ts=ts):
             self.refused += 1

@@ -126,6 +126,8 @@ class SyncConfig:
     interval: float = 10.0
     #: Bytes per second on the wire (0: no cap).
     bandwidth: int = 0
+    #: gzip level of the uploaded blobs: 6 for thin uplinks, 1 for a busy CPU with a fast link.
+    compress_level: int = 6
     retries: int = 5
     backoff_min: float = 1.0
     backoff_max: float = 60.0
@@ -208,6 +210,8 @@ class AgentConfig:
             )
         if self.sync.batch_max_records < 1 or self.sync.batch_max_bytes < 1024:
             raise ConfigError("sync.batch_max_records", "batches need >= 1 record and >= 1 KiB")
+        if not 1 <= self.sync.compress_level <= 9:
+            raise ConfigError("sync.compress_level", "must be between 1 and 9")
         if self.sync.bandwidth < 0:
             raise ConfigError("sync.bandwidth", "must be >= 0 (0: no cap)")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):

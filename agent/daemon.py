@@ -82,6 +82,7 @@ class Agent:
         self.uploader = Uploader(
             self.buffer, self.backend, cfg.device_id, self.db, batch_max_records=sc.batch_max_records,
             batch_max_bytes=sc.batch_max_bytes, max_batch_age_s=sc.max_batch_age, interval_s=sc.interval,
+            compress_level=sc.compress_level,
         )  # fmt: skip
         self.serving.metrics.telemetry_source = self._telemetry_state
         self.telemetry = Telemetry(
