@@ -235,7 +235,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(where, f"expected a table, got {type(value).__name__}")
-        return _build(tp, value, where + ".")
+        return build_section(tp, value, where + ".")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -267,7 +267,8 @@ def _bad(where: str, expected: str, value: Any) -> Any:
     raise ConfigError(where, f"expected {expected}, got {type(value).__name__} {value!r}")
 
 
-def _build(cls: Any, data: Mapping[str, Any], prefix: str) -> Any:
+def build_section(cls: Any, data: Mapping[str, Any], prefix: str) -> Any:
+    """The dataclass ``cls`` from ``data``; an unknown key or a wrong type names the field."""
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
@@ -277,12 +278,12 @@ def _build(cls: Any, data: Mapping[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+def env_overrides(env: Mapping[str, str], env_prefix: str = ENV_PREFIX) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+        if not name.startswith(env_prefix) or name == env_prefix + "CONFIG":
             continue
-        path = name[len(ENV_PREFIX) :].lower().split("__")
+        path = name[len(env_prefix) :].lower().split("__")
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -290,10 +291,10 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     for k, v in over.items():
         if isinstance(v, Mapping) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
+            merge(base[k], v)
         else:
             base[k] = v
     return base
@@ -309,8 +310,8 @@ def load(path: Path | None, env: Mapping[str, str] | None = None) -> AgentConfig
             raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
-    _merge(data, _env_overrides(os.environ if env is None else env))
-    cfg: AgentConfig = _build(AgentConfig, data, "")
+    merge(data, env_overrides(os.environ if env is None else env))
+    cfg: AgentConfig = build_section(AgentConfig, data, "")
     if path is not None:
         base = path.parent
         cfg.state_dir = base / cfg.state_dir

@@ -388,7 +388,8 @@ class Deployer:
             }
         rejected = self.db.get_meta("rejected")
         if rejected:
-            doc["rejected"] = {k: rejected[k] for k in ("code", "message", "hint", "at")}
+            # message_sha256 names the refused message, so whoever sent it can tell it was theirs
+            doc["rejected"] = {k: rejected[k] for k in ("code", "message", "hint", "at", "message_sha256")}
         return doc
 
     def publish(self) -> None:

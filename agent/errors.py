@@ -7,6 +7,7 @@ paho, tarfile, cryptography) are translated into this tree at the boundary where
     EdgeError
     ├── ConfigError            bad or missing configuration (names the field)
     ├── ManifestRefused        a manifest failed parsing, schema, signature, expiry or replay checks
+    ├── ControlPlaneError      edge-deploy refused an operator's request (deploy/)
     └── DeploymentError        a verified manifest could not be carried out
         ├── DownloadError      network, HTTP status, size cap, disk space
         ├── VerifyError        digest or bundle metadata mismatch
@@ -67,6 +68,20 @@ class ErrorCode(StrEnum):
     BLOB_NOT_FOUND = "blob_not_found"
     BLOB_UNAVAILABLE = "blob_unavailable"
     BLOB_REQUEST_FAILED = "blob_request_failed"
+    # the control plane (deploy/): registry, artifacts, rollouts
+    INVALID_ARGUMENT = "invalid_argument"
+    FILE_UNREADABLE = "file_unreadable"
+    MODEL_INVALID = "model_invalid"
+    MODEL_NOT_FOUND = "model_not_found"
+    IMAGE_NOT_FOUND = "image_not_found"
+    DEVICE_NOT_FOUND = "device_not_found"
+    DEPLOYMENT_NOT_FOUND = "deployment_not_found"
+    IN_USE = "in_use"
+    NO_MATCHING_DEVICES = "no_matching_devices"
+    DEVICE_BUSY = "device_busy"
+    DEPLOYMENT_STATE_CONFLICT = "deployment_state_conflict"
+    BROKER_UNREACHABLE = "broker_unreachable"
+    REGISTRY_TOO_NEW = "registry_too_new"
 
 
 class EdgeError(Exception):
@@ -96,6 +111,10 @@ class ConfigError(EdgeError):
 
 class ManifestRefused(EdgeError):
     """A manifest was not accepted; nothing on the device changed."""
+
+
+class ControlPlaneError(EdgeError):
+    """The control plane refused a request; nothing in the registry or on the broker changed."""
 
 
 class DeploymentError(EdgeError):

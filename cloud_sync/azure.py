@@ -206,6 +206,11 @@ class AzureBackend:
             if exc.code != ErrorCode.BLOB_NOT_FOUND:
                 raise
 
+    def download_url(self, name: str) -> str:
+        """The blob's URL with the container's SAS: a device can GET it (with Range) if the SAS grants
+        read (``sp`` has ``r``) and until the SAS expires."""
+        return str(self._blob_url(self._root + check_name(name)))
+
     def close(self) -> None:
         self._client.close()
 

@@ -1,6 +1,8 @@
 """``edge-deploy``: the operator's and the pipeline's command line.
 
-Exit codes: 0 ok, 1 the operation failed, 2 bad usage or input.
+Exit codes: 0 ok; 1 the operation failed (a rollout rolled back or was aborted); 2 bad usage or input
+(every refusal prints its stable code, what is wrong and what to do); 3 a rollout is paused or held,
+or --timeout ran out; 4 the broker cannot be reached.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from agent import manifest as mf
-from agent.errors import ManifestRefused
+from agent.errors import ControlPlaneError, EdgeError, ErrorCode, ManifestRefused
 from agent.fetch import hash_file
-from deploy import bundle, signer
+from deploy import bundle, config, signer
+from deploy.plane import ControlPlane
+from deploy.registry import LIVE_STATES, parse_ref, parse_tags
+from deploy.rollout import Gate, Policy, summary
 
 
 def _duration(text: str) -> timedelta:
@@ -61,16 +66,252 @@ def new_manifest(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="edge-deploy", description="Edge ML control plane")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HELD, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+
+
+def _add_rollout_flags(p: argparse.ArgumentParser) -> None:
+    d = Policy()
+    g = p.add_argument_group("rollout policy (docs/control-plane.md)")
+    g.add_argument(
+        "--canary", type=int, default=d.canary, help=f"devices in the first wave (default {d.canary})"
+    )
+    g.add_argument(
+        "--growth", type=float, default=d.growth, help=f"each wave is this many times the last ({d.growth:g})"
+    )
+    g.add_argument("--max-wave", type=int, default=d.max_wave, help="largest wave (0: no limit)")
+    g.add_argument(
+        "--success-threshold",
+        type=float,
+        default=d.success_threshold,
+        help=f"fraction of a wave that must be active to go on ({d.success_threshold:g})",
+    )
+    g.add_argument(
+        "--failure-threshold",
+        type=float,
+        default=d.failure_threshold,
+        help=f"fraction of a wave that may fail before it rolls back ({d.failure_threshold:g})",
+    )
+    g.add_argument(
+        "--wave-timeout",
+        type=float,
+        default=d.wave_timeout_s,
+        metavar="SECONDS",
+        help=f"a device silent this long counts as failed ({d.wave_timeout_s:g})",
+    )
+    g.add_argument("--no-auto-rollback", action="store_true", help="pause instead of rolling back")
+    g.add_argument(
+        "--gate-soak",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="serve this long on each wave before the health gate judges it (0: no gate)",
+    )
+    g.add_argument("--gate-max-error-rate", type=float, metavar="RATE")
+    g.add_argument(
+        "--gate-max-error-rate-increase",
+        type=float,
+        metavar="RATE",
+        help="against the same devices on their previous image",
+    )
+    g.add_argument(
+        "--gate-max-p99-ratio",
+        type=float,
+        metavar="X",
+        help="p99 latency against the same devices on their previous image",
+    )
+    g.add_argument("--gate-max-p99-ms", type=float, metavar="MS")
+    g.add_argument("--gate-min-requests", type=int, default=Gate().min_requests)
+    g.add_argument(
+        "--gate-no-data",
+        choices=("pass", "fail"),
+        default="pass",
+        help="the verdict when the soak saw fewer than --gate-min-requests requests",
+    )
+
+
+def _policy(args: argparse.Namespace) -> Policy:
+    gate = Gate(
+        soak_s=args.gate_soak,
+        max_error_rate=args.gate_max_error_rate,
+        max_error_rate_increase=args.gate_max_error_rate_increase,
+        max_p99_ratio=args.gate_max_p99_ratio,
+        max_p99_ms=args.gate_max_p99_ms,
+        min_requests=args.gate_min_requests,
+        no_data=args.gate_no_data,
+    )
+    if args.gate_soak > 0 and not gate.enabled:
+        raise ControlPlaneError(
+            ErrorCode.INVALID_ARGUMENT,
+            "--gate-soak without any --gate-max-* bound",
+            "add a bound such as --gate-max-p99-ratio 2",
+        )
+    return Policy(
+        canary=args.canary,
+        growth=args.growth,
+        max_wave=args.max_wave,
+        success_threshold=args.success_threshold,
+        failure_threshold=args.failure_threshold,
+        wave_timeout_s=args.wave_timeout,
+        auto_rollback=not args.no_auto_rollback,
+        gate=gate,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="edge-deploy",
+        description="Edge ML control plane: models, images, devices, deployments and rollouts.",
+        epilog="exit codes: 0 ok; 1 the operation failed (a rollout rolled back or was aborted); "
+        "2 bad usage or input; 3 a rollout is paused or held, waiting for an operator; 4 broker unreachable",
+    )
+    p.add_argument(
+        "--home", type=Path, help="control-plane directory (default $EDGE_DEPLOY_HOME or ./.edge-deploy)"
+    )
     sub = p.add_subparsers(dest="group", required=True)
+
+    def listing(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+        return parser
 
     keys = sub.add_parser("keys", help="manifest signing keys").add_subparsers(dest="cmd", required=True)
     kc = keys.add_parser("create", help="create an Ed25519 signing key pair")
-    kc.add_argument("--out", type=Path, required=True, help="directory for NAME.key and NAME.pub")
+    kc.add_argument("--out", type=Path, help="directory for NAME.key and NAME.pub (default: HOME/keys)")
     kc.add_argument("--name", default="signing")
 
-    man = sub.add_parser("manifest", help="deployment manifests").add_subparsers(dest="cmd", required=True)
+    # -- models
+    model = sub.add_parser("model", help="the model registry").add_subparsers(dest="cmd", required=True)
+    mr = listing(model.add_parser("register", help="register an ONNX file as the next version of NAME"))
+    mr.add_argument("name")
+    mr.add_argument("file", type=Path)
+    mr.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
+    mr.add_argument("--property", action="append", default=[], metavar="KEY=VALUE")
+    ml = listing(model.add_parser("list", help="models, filtered by name, version or tags"))
+    ml.add_argument("--name")
+    ml.add_argument("--version", type=int)
+    ml.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
+    listing(model.add_parser("show", help="one model (NAME for the latest, or NAME:VERSION)")).add_argument(
+        "ref"
+    )
+    model.add_parser("delete", help="delete NAME:VERSION (refused while an image uses it)").add_argument(
+        "ref"
+    )
+
+    # -- images
+    img = sub.add_parser("image", help="image bundles and the image registry").add_subparsers(
+        dest="cmd", required=True
+    )
+    ib = listing(
+        img.add_parser(
+            "build",
+            help="build an image from registered models (or, with --version, a bundle file from ONNX files)",
+            description="Without --version: build from registered models (--model "
+            "[ALIAS=]NAME[:VERSION]) and register the image as the next version of --name. With "
+            "--version: build a bundle file from ONNX files (--model [NAME=]PATH) and register "
+            "nothing. See docs/bundle.md.",
+        )
+    )
+    ib.add_argument("--name", required=True, help="image name (the manifest's image.name)")
+    ib.add_argument("--version", help="build a bundle file with this version, outside the registry")
+    ib.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="MODEL",
+        help="[ALIAS=]NAME[:VERSION] of a registered model, or [NAME=]PATH with --version (repeatable)",
+    )
+    ib.add_argument("--score", type=Path, metavar="FILE", help="the entry script, stored as score.py")
+    ib.add_argument(
+        "--include",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="another file at the bundle's root, e.g. a module score.py imports (repeatable)",
+    )
+    ib.add_argument("--wheel", type=Path, action="append", default=[], help="a pinned .whl (repeatable)")
+    ib.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="(repeatable)")
+    ib.add_argument("--property", action="append", default=[], metavar="KEY=VALUE", help="registry only")
+    ib.add_argument("--sample-request", type=Path, metavar="FILE.json", help="the smoke test's request")
+    ib.add_argument("--expected-response", type=Path, metavar="FILE.json", help="its expected response")
+    ib.add_argument(
+        "--rtol", type=float, help=f"relative tolerance for floats (default {bundle.DEFAULT_RTOL:g})"
+    )
+    ib.add_argument(
+        "--atol", type=float, help=f"absolute tolerance for floats (default {bundle.DEFAULT_ATOL:g})"
+    )
+    ib.add_argument("--smoke-model", metavar="NAME", help="the model the smoke test is for (several models)")
+    ib.add_argument(
+        "--out", type=Path, help="the bundle file to write (with --version: default NAME-VERSION.tar)"
+    )
+    il = listing(img.add_parser("list", help="images, filtered by name, version, tags or model"))
+    il.add_argument("--name")
+    il.add_argument("--version", type=int)
+    il.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
+    il.add_argument("--model", metavar="NAME[:VERSION]", help="images built from this model")
+    listing(img.add_parser("show", help="one image (NAME or NAME:VERSION)")).add_argument("ref")
+    img.add_parser("delete", help="delete NAME:VERSION (refused while a deployment uses it)").add_argument(
+        "ref"
+    )
+    img.add_parser("inspect", help="print a bundle file's bundle.json").add_argument("bundle", type=Path)
+
+    # -- devices
+    dev = sub.add_parser("device", help="the fleet, as its devices report it").add_subparsers(
+        dest="cmd", required=True
+    )
+    dl = listing(dev.add_parser("list", help="devices, refreshed from their retained reports on the broker"))
+    dl.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
+    dl.add_argument("--offline", action="store_true", help="from the registry only, without the broker")
+    listing(dev.add_parser("show", help="one device")).add_argument("device")
+    dt = listing(dev.add_parser("tag", help="set (KEY=VALUE) or remove (--remove KEY) a device's tags"))
+    dt.add_argument("device")
+    dt.add_argument("tags", nargs="*", metavar="KEY=VALUE")
+    dt.add_argument("--remove", action="append", default=[], metavar="KEY")
+
+    # -- deployments
+    dep = sub.add_parser("deploy", help="deployments and rollouts").add_subparsers(dest="cmd", required=True)
+    dc = listing(dep.add_parser("create", help="deploy an image to devices by id or by tags, in waves"))
+    dc.add_argument("image", metavar="NAME[:VERSION]")
+    dc.add_argument(
+        "--device", action="append", default=[], metavar="ID", help="a target device (repeatable)"
+    )
+    dc.add_argument("--tag-query", metavar="KEY=VALUE[,KEY=VALUE]", help="every device with all these tags")
+    dc.add_argument(
+        "--sections",
+        type=Path,
+        metavar="FILE.json",
+        help="the manifests' runtime and data_collection sections (docs/manifest.md)",
+    )
+    dc.add_argument(
+        "--no-wait", action="store_true", help="create it and return; `edge-deploy serve` drives it"
+    )
+    dc.add_argument("--timeout", type=float, metavar="SECONDS", help="stop waiting after this long (exit 3)")
+    _add_rollout_flags(dc)
+    dls = listing(dep.add_parser("list", help="deployments, by image, model, device or state"))
+    dls.add_argument("--image", metavar="NAME[:VERSION]")
+    dls.add_argument("--model", metavar="NAME[:VERSION]")
+    dls.add_argument("--device")
+    dls.add_argument("--state")
+    listing(dep.add_parser("show", help="a deployment, its devices and its history")).add_argument("id")
+    for name, text in (
+        ("pause", "start no further wave"),
+        ("resume", "go on with the next wave"),
+        ("abort", "start no further wave, ever; devices keep what they run"),
+        ("rollback", "put every device it updated back on its previous image"),
+        ("watch", "drive or follow a deployment until it settles"),
+    ):
+        c = listing(dep.add_parser(name, help=text))
+        c.add_argument("id")
+        if name != "watch":
+            c.add_argument("--no-wait", action="store_true", help="record the command and return")
+        c.add_argument("--timeout", type=float, metavar="SECONDS")
+
+    sv = sub.add_parser("serve", help="serve the local artifact store over HTTP and drive every live rollout")
+    sv.add_argument("--listen", help="HOST:PORT (default serve.listen)")
+
+    # -- manifests by hand
+    man = sub.add_parser("manifest", help="deployment manifests by hand").add_subparsers(
+        dest="cmd", required=True
+    )
     mc = man.add_parser("create", help="write an (unsigned) manifest for one device and one bundle")
     mc.add_argument("--device", required=True)
     mc.add_argument("--bundle", type=Path, required=True)
@@ -96,81 +337,116 @@ def main(argv: list[str] | None = None) -> int:
     mp.add_argument("--cert", type=Path)
     mp.add_argument("--key", type=Path)
     mp.add_argument("--prefix", default="edge")
+    return p
 
-    img = sub.add_parser("image", help="image bundles").add_subparsers(dest="cmd", required=True)
-    ib = img.add_parser(
-        "build",
-        help="build an image bundle from ONNX models, an optional score.py, wheels and a smoke test",
-        description="Build a reproducible image bundle (docs/bundle.md); print its path, sha256 and size.",
-    )
-    ib.add_argument("--name", required=True, help="image name (the manifest's image.name)")
-    ib.add_argument("--version", required=True, help="image version (the manifest's image.version)")
-    ib.add_argument(
-        "--model",
-        action="append",
-        required=True,
-        metavar="[NAME=]PATH",
-        help="an ONNX model, stored as models/NAME.onnx; NAME defaults to the file's stem (repeatable)",
-    )
-    ib.add_argument("--score", type=Path, metavar="FILE", help="the entry script, stored as score.py")
-    ib.add_argument(
-        "--include",
-        type=Path,
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="another file at the bundle's root, e.g. a module score.py imports (repeatable)",
-    )
-    ib.add_argument("--wheel", type=Path, action="append", default=[], help="a pinned .whl (repeatable)")
-    ib.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="(repeatable)")
-    ib.add_argument("--sample-request", type=Path, metavar="FILE.json", help="the smoke test's request")
-    ib.add_argument("--expected-response", type=Path, metavar="FILE.json", help="its expected response")
-    ib.add_argument(
-        "--rtol", type=float, help=f"relative tolerance for floats (default {bundle.DEFAULT_RTOL:g})"
-    )
-    ib.add_argument(
-        "--atol", type=float, help=f"absolute tolerance for floats (default {bundle.DEFAULT_ATOL:g})"
-    )
-    ib.add_argument("--smoke-model", metavar="NAME", help="the model the smoke test is for (several models)")
-    ib.add_argument("--out", type=Path, help="the bundle to write (default NAME-VERSION.tar)")
-    ii = img.add_parser("inspect", help="print a bundle's bundle.json")
-    ii.add_argument("bundle", type=Path)
 
-    args = p.parse_args(argv)
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except (FileNotFoundError, PermissionError, FileExistsError) as exc:
+    except EdgeError as exc:
+        _fail(exc.as_dict())
+        return EXIT_UNREACHABLE if exc.code == ErrorCode.BROKER_UNREACHABLE else EXIT_USAGE
+    except bundle.BuildError as exc:
+        _fail({"code": str(ErrorCode.INVALID_ARGUMENT), "message": str(exc), "hint": "fix the input"})
+        return EXIT_USAGE
+    except (FileNotFoundError, PermissionError, FileExistsError, ValueError) as exc:
         print(f"edge-deploy: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
-        print(f"edge-deploy: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
 
 
-def _image_build(args: argparse.Namespace) -> int:
+def _fail(err: dict[str, str]) -> None:
+    hint = f"\n  hint: {err['hint']}" if err.get("hint") else ""
+    print(f"edge-deploy: {err['code']}: {err['message']}{hint}", file=sys.stderr)
+
+
+def _tags(items: list[str], what: str = "tag") -> dict[str, str]:
+    return parse_tags(items, what)
+
+
+def _out(
+    args: argparse.Namespace,
+    doc: Any,
+    rows: list[dict[str, Any]] | None = None,
+    columns: list[str] | None = None,
+) -> None:
+    """JSON with --json (or when stdout is not a terminal and there is no table); else a table."""
+    if getattr(args, "json", False) or columns is None:
+        print(
+            json.dumps(doc, indent=None if getattr(args, "json", False) else 2, sort_keys=True, default=str)
+        )
+        return
+    rows = rows if rows is not None else (doc if isinstance(doc, list) else [doc])
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, dict):
+        return ",".join(f"{k}={x}" for k, x in sorted(v.items())) or "-"
+    if isinstance(v, list | tuple):
+        return ",".join(map(str, v)) or "-"
+    if isinstance(v, float) and v > 1e9:
+        return datetime.fromtimestamp(v, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return str(v)
+
+
+class _Progress:
+    """One line on stderr, rewritten in place, when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last = ""
+
+    def __call__(self, text: str) -> None:
+        if self.tty and text != self.last:
+            sys.stderr.write("\r\033[K" + text)
+            sys.stderr.flush()
+            self.last = text
+
+    def done(self) -> None:
+        if self.tty and self.last:
+            sys.stderr.write("\n")
+
+
+def _bar(done: int, total: int, width: int = 24) -> str:
+    filled = width * done // total if total else width
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def _drive(cp: ControlPlane, args: argparse.Namespace, dep_id: str) -> int:
+    progress = _Progress()
+
+    def on_step(dep: dict[str, Any]) -> None:
+        s = summary(cp.registry, dep_id)
+        c = s["counts"]
+        done = c.get("active", 0) + c.get("failed", 0) + c.get("reverted", 0) + c.get("revert_failed", 0)
+        progress(
+            f"{dep_id} {s['state']:<12} wave {s['wave']}/{s['waves']} {_bar(done, s['devices'])} "
+            f"active {c.get('active', 0)} failed {c.get('failed', 0)} reverted {c.get('reverted', 0)} "
+            f"of {s['devices']} {s['phase'] or ''}"
+        )
+
+    dep = cp.driver().run(dep_id, on_step=on_step, timeout_s=args.timeout)
+    progress.done()
+    out = cp.summary(dep_id)
+    _out(args, out)
+    if dep["state"] == "succeeded":
+        return EXIT_OK
+    if dep["state"] in ("rolled_back", "aborted"):
+        return EXIT_FAILED
+    return EXIT_HELD
+
+
+def _image_build_file(args: argparse.Namespace, smoke: bundle.SmokeTest | None, tags: dict[str, str]) -> int:
     models = [bundle.parse_model_arg(m) for m in args.model]
-    tags: dict[str, str] = {}
-    for text in args.tag:
-        key, value = bundle.parse_tag(text)
-        if key in tags:
-            # Refused rather than last-wins: the order of the flags must not change the image.
-            raise bundle.BuildError(f"tag {key!r} is given twice")
-        tags[key] = value
-    smoke = None
-    if (args.sample_request is None) != (args.expected_response is None):
-        raise bundle.BuildError("--sample-request and --expected-response go together")
-    if args.sample_request is not None:
-        smoke = bundle.SmokeTest(
-            request=bundle.load_json(args.sample_request, "sample request"),
-            expected=bundle.load_json(args.expected_response, "expected response"),
-            model=args.smoke_model,
-            rtol=bundle.DEFAULT_RTOL if args.rtol is None else args.rtol,
-            atol=bundle.DEFAULT_ATOL if args.atol is None else args.atol,
-        )
-    elif args.rtol is not None or args.atol is not None or args.smoke_model is not None:
-        raise bundle.BuildError(
-            "--rtol, --atol and --smoke-model need --sample-request and --expected-response"
-        )
     built = bundle.build_image(
         args.out or Path(f"{args.name}-{args.version}.tar"),
         args.name,
@@ -183,19 +459,206 @@ def _image_build(args: argparse.Namespace) -> int:
         smoke_test=smoke,
     )
     print(json.dumps(built.as_dict()))
-    return 0
+    return EXIT_OK
+
+
+def _smoke(args: argparse.Namespace) -> bundle.SmokeTest | None:
+    if (args.sample_request is None) != (args.expected_response is None):
+        raise bundle.BuildError("--sample-request and --expected-response go together")
+    if args.sample_request is not None:
+        return bundle.SmokeTest(
+            request=bundle.load_json(args.sample_request, "sample request"),
+            expected=bundle.load_json(args.expected_response, "expected response"),
+            model=args.smoke_model,
+            rtol=bundle.DEFAULT_RTOL if args.rtol is None else args.rtol,
+            atol=bundle.DEFAULT_ATOL if args.atol is None else args.atol,
+        )
+    if args.rtol is not None or args.atol is not None or args.smoke_model is not None:
+        raise bundle.BuildError(
+            "--rtol, --atol and --smoke-model need --sample-request and --expected-response"
+        )
+    return None
+
+
+def _model_ref(text: str) -> tuple[str, str, int | None]:
+    alias, sep, ref = text.partition("=")
+    if not sep:
+        alias, ref = "", text
+    name, version = parse_ref(ref, "model")
+    return alias or name, name, version
+
+
+def _versioned(ref: str, what: str) -> tuple[str, int]:
+    name, version = parse_ref(ref, what)
+    if version is None:
+        raise ControlPlaneError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"deleting needs an exact version: {what} {ref}:<version>",
+            f"see `edge-deploy {what} list --name {name}`",
+        )
+    return name, version
+
+
+MODEL_COLUMNS = ["ref", "sha256", "size", "tags", "created_at"]
+IMAGE_COLUMNS = ["ref", "models", "sha256", "size", "score_py", "tags", "created_at"]
+DEVICE_COLUMNS = ["id", "online", "tags", "state", "image", "generation", "last_seen"]
+DEPLOY_COLUMNS = ["id", "image", "state", "wave", "waves", "devices", "counts", "created_at"]
+
+
+def _device_row(d: dict[str, Any]) -> dict[str, Any]:
+    st, act = d["status"] or {}, d["active"] or {}
+    return {
+        **d,
+        "state": st.get("state"),
+        "generation": st.get("generation"),
+        "image": f"{act['name']}:{act['version']}" if act else None,
+    }
+
+
+def _registry_command(cp: ControlPlane, args: argparse.Namespace) -> int:
+    reg = cp.registry
+    g, c = args.group, args.cmd
+    if g == "model":
+        if c == "register":
+            m = cp.register_model(args.name, args.file, _tags(args.tag), _tags(args.property, "property"))
+            _out(args, m.as_dict())
+        elif c == "list":
+            ms = [m.as_dict() for m in reg.models(args.name, args.version, _tags(args.tag))]
+            _out(args, ms, columns=MODEL_COLUMNS)
+        elif c == "show":
+            m = reg.model(*parse_ref(args.ref, "model"))
+            _out(args, {**m.as_dict(), "images": [i.ref for i in reg.images(model=(m.name, m.version))]})
+        else:
+            _out(args, {"deleted": reg.delete_model(*_versioned(args.ref, "model")).ref})
+        return EXIT_OK
+    if g == "image":
+        if c == "build":
+            tags = _tags(args.tag)
+            smoke = _smoke(args)
+            if args.version is not None:
+                return _image_build_file(args, smoke, tags)
+            image = cp.build_image(
+                args.name,
+                [_model_ref(m) for m in args.model],
+                score=args.score,
+                include=args.include,
+                wheels=args.wheel,
+                tags=tags,
+                properties=_tags(args.property, "property"),
+                smoke_test=smoke,
+            )
+            doc = image.as_dict()
+            if args.out is not None:
+                doc["path"] = str(cp.export_image(image, args.out))
+            doc["url"] = cp.artifacts.download_url(image.artifact)
+            _out(args, doc)
+        elif c == "list":
+            model = parse_ref(args.model, "model") if args.model else None
+            imgs = [i.as_dict() for i in reg.images(args.name, args.version, _tags(args.tag), model)]
+            _out(args, imgs, columns=IMAGE_COLUMNS)
+        elif c == "show":
+            i = reg.image(*parse_ref(args.ref, "image"))
+            deps = [d["id"] for d in reg.deployments(image=(i.name, i.version))]
+            _out(args, {**i.as_dict(), "bundle": i.meta, "deployments": deps})
+        else:
+            _out(args, {"deleted": reg.delete_image(*_versioned(args.ref, "image")).ref})
+        return EXIT_OK
+    if g == "device":
+        if c == "list":
+            rows = [_device_row(d) for d in cp.devices(_tags(args.tag), refresh=not args.offline)]
+            _out(args, rows, columns=DEVICE_COLUMNS)
+        elif c == "show":
+            _ = cp.fleet
+            d = reg.device(args.device)
+            _out(args, {**d, "deployments": [x["id"] for x in reg.deployments(device=args.device)]})
+        else:
+            _out(args, reg.tag_device(args.device, _tags(args.tags), args.remove))
+        return EXIT_OK
+    # deploy
+    if c == "create":
+        name, version = parse_ref(args.image, "image")
+        image = reg.image(name, version)
+        sections = bundle.load_json(args.sections, "sections") if args.sections else {}
+        if not isinstance(sections, dict) or set(sections) - {"runtime", "data_collection"}:
+            raise ControlPlaneError(
+                ErrorCode.INVALID_ARGUMENT,
+                "--sections holds only runtime and data_collection",
+                'write {"runtime": {...}, "data_collection": {...}} (docs/manifest.md)',
+            )
+        query = _tags(args.tag_query.split(","), "tag query") if args.tag_query else {}
+        dep_id = cp.create_deployment(image, args.device, query, _policy(args), sections)
+        if args.no_wait:
+            _out(args, cp.summary(dep_id))
+            return EXIT_OK
+        return _drive(cp, args, dep_id)
+    if c == "list":
+        rows = reg.deployments(
+            image=parse_ref(args.image, "image") if args.image else None,
+            model=parse_ref(args.model, "model") if args.model else None,
+            device=args.device,
+            state=args.state,
+        )
+        out = [{k: v for k, v in summary(reg, d["id"]).items() if k != "members"} for d in rows]
+        _out(args, out, columns=DEPLOY_COLUMNS)
+        return EXIT_OK
+    if c == "show":
+        _out(args, cp.summary(args.id))
+        return EXIT_OK
+    if c != "watch":
+        cp.command(args.id, c)
+        if args.no_wait:
+            _out(args, cp.summary(args.id))
+            return EXIT_OK
+    return _drive(cp, args, args.id)
+
+
+def _serve(cp: ControlPlane, args: argparse.Namespace) -> int:
+    """The control plane as a service: the artifact endpoint, the fleet's reports in the registry,
+    and every live deployment driven (pause/resume/abort/rollback from other processes included)."""
+    from simulators.bundle_server import BundleServer
+
+    listen = args.listen or cp.cfg.serve.listen
+    host, _, port = listen.rpartition(":")
+    root = cp.artifacts.root
+    server = BundleServer(root, host=host, port=int(port), keep_requests=1000).start() if root else None
+    driver = cp.driver()
+    print(
+        json.dumps({"serving": server.url if server else None, "registry": str(cp.cfg.registry_path)}),
+        flush=True,
+    )
+    try:
+        while True:
+            cp.ingest()
+            for dep in cp.registry.deployments():
+                live = dep["state"] in LIVE_STATES or dep["command"]
+                if live and cp.registry.take_lease(dep["id"], driver.owner, driver.LEASE_S):
+                    driver.step(dep["id"])
+            time.sleep(cp.cfg.serve.poll)
+    finally:
+        if server is not None:
+            server.stop()
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.group == "image":
-        if args.cmd == "build":
-            return _image_build(args)
-        print(json.dumps(bundle.read_metadata(args.bundle), indent=2, sort_keys=True))
-        return 0
     if args.group == "keys":
-        key_path, pub_path, kid = signer.create_keypair(args.out, args.name)
+        out = args.out or (config.load(args.home).signing_key.parent)
+        key_path, pub_path, kid = signer.create_keypair(out, args.name)
         print(json.dumps({"private_key": str(key_path), "public_key": str(pub_path), "keyid": kid}))
-        return 0
+        return EXIT_OK
+    if args.group == "image" and args.cmd == "inspect":
+        print(json.dumps(bundle.read_metadata(args.bundle), indent=2, sort_keys=True))
+        return EXIT_OK
+    if args.group == "image" and args.cmd == "build" and args.version is not None:
+        return _image_build_file(args, _smoke(args), _tags(args.tag))
+    if args.group == "manifest":
+        return _manifest_command(args)
+    with ControlPlane(config.load(args.home)) as cp:
+        if args.group == "serve":
+            return _serve(cp, args)
+        return _registry_command(cp, args)
+
+
+def _manifest_command(args: argparse.Namespace) -> int:
     if args.cmd == "create":
         meta = bundle.read_metadata(args.bundle)
         doc = new_manifest(

@@ -45,6 +45,10 @@ class OperatorClient:
             )
         self._cond = threading.Condition()
         self._reports: dict[tuple[str, str], dict[str, Any]] = {}
+        #: every report since the last drain(), as (device, kind, received at, document)
+        self._log: list[tuple[str, str, float, dict[str, Any]]] = []
+        self._last_message = time.monotonic()
+        self.keep_log = False
         self._connected = threading.Event()
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -76,6 +80,8 @@ class OperatorClient:
             client.subscribe(f"{self.prefix}/devices/+/online", qos=1)
             client.subscribe(f"{self.prefix}/devices/+/inventory", qos=1)
             client.subscribe(f"{self.prefix}/devices/+/heartbeat", qos=0)
+            with self._cond:
+                self._last_message = time.monotonic()  # the retained reports are on their way
             self._connected.set()
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _rc: Any, _p: Any = None) -> None:
@@ -91,7 +97,30 @@ class OperatorClient:
             return
         with self._cond:
             self._reports[(parts[2], parts[3])] = doc
+            self._last_message = time.monotonic()
+            if self.keep_log:
+                self._log.append((parts[2], parts[3], time.time(), doc))
             self._cond.notify_all()
+
+    def drain(self) -> list[tuple[str, str, float, dict[str, Any]]]:
+        """The reports received since the last call (only while ``keep_log`` is set)."""
+        with self._cond:
+            out, self._log = self._log, []
+        return out
+
+    def settle(self, quiet_s: float = 0.5, timeout_s: float = 5.0) -> None:
+        """Wait until the retained reports have arrived: no message for ``quiet_s``, at most ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while time.monotonic() < deadline:
+                idle = time.monotonic() - self._last_message
+                if idle >= quiet_s:
+                    return
+                self._cond.wait(quiet_s - idle)
+
+    def devices(self) -> list[str]:
+        with self._cond:
+            return sorted({d for d, _ in self._reports})
 
     def publish_manifest(self, device_id: str, envelope: bytes, timeout: float = 30.0) -> None:
         if not self._connected.wait(timeout):

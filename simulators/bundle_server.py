@@ -385,8 +385,9 @@ def _body_chunks(file: BinaryIO, file_size: int, start: int, stop: int, chunk: i
 class BundleServer:
     """Serve the files under ``root`` at ``http://127.0.0.1:PORT/NAME``, optionally with faults.
 
-    The server listens on a free port chosen by the kernel (no race: the socket is bound once and
-    kept) and runs in a background daemon thread, each connection in its own daemon thread. With
+    It is also the control plane's artifact endpoint (``edge-deploy serve``). By default the server
+    listens on a free port chosen by the kernel (no race: the socket is bound once and kept) and
+    runs in a background daemon thread, each connection in its own daemon thread. With
     ``tls=(cert_path, key_path)`` it serves HTTPS instead.
     """
 
@@ -395,10 +396,15 @@ class BundleServer:
         root: Path,
         *,
         host: str = "127.0.0.1",
+        port: int = 0,
         tls: tuple[Path | str, Path | str] | None = None,
+        keep_requests: int | None = None,
     ) -> None:
+        """``keep_requests``: remember only the latest N requests (a long-running server); None: all."""
         self.root = Path(root).resolve()
         self.host = host
+        self._port = port
+        self._keep = keep_requests
         self.tls = tls
         self._lock = threading.Lock()
         self._faults: dict[str, _FaultState] = {}
@@ -412,7 +418,7 @@ class BundleServer:
         if self._server is not None:
             raise RuntimeError("the bundle server is already running")
         self.root.mkdir(parents=True, exist_ok=True)
-        server = _Server((self.host, 0), self)
+        server = _Server((self.host, self._port), self)
         if self.tls is not None:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(str(self.tls[0]), str(self.tls[1]))
@@ -529,6 +535,8 @@ class BundleServer:
                         return
                 return  # reset() forgot the early record: forget the update too
             self._requests.append(record)
+            if self._keep is not None and len(self._requests) > self._keep:
+                del self._requests[: len(self._requests) - self._keep]
 
     def _fault(self, name: str) -> Fault | None:
         with self._lock:

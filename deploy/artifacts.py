@@ -1,0 +1,99 @@
+"""The artifact store: model files and image bundles, and the URLs devices download them from.
+
+Behind it is a cloud_sync blob backend chosen by URL scheme, so the control plane stores artifacts
+where the fleet's data already goes:
+
+    file:///srv/edge/artifacts (or a path)   served by ``edge-deploy serve`` (or any static HTTP
+                                             server with Range support) at ``public_url``
+    https://<account>.blob.core.windows.net/<container>?<SAS>
+                                             devices get the blob URL with the container's SAS
+                                             (it must grant read; it expires with the SAS)
+    s3://<bucket>/<prefix>                   devices get a presigned GET URL that expires after
+                                             ``url_expiry`` seconds
+
+Names are the registry's: ``models/<name>/<version>/<name>.onnx`` and
+``images/<name>/<version>/<name>-<version>.tar``.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+from cloud_sync.azure import AzureBackend
+from cloud_sync.backend import BlobBackend, BlobError, RetryingBackend, check_name, open_backend
+from cloud_sync.local import LocalBackend
+from cloud_sync.s3 import S3Backend
+
+DEFAULT_URL_EXPIRY_S = 7 * 24 * 3600
+
+
+class ArtifactStore:
+    def __init__(
+        self,
+        url: str,
+        *,
+        public_url: str | None = None,
+        url_expiry: int = DEFAULT_URL_EXPIRY_S,
+        **backend_opts: Any,
+    ) -> None:
+        local = "://" not in url or url.startswith("file:")
+        if local:
+            backend_opts.setdefault("create", True)
+        self.backend: BlobBackend = open_backend(url, **backend_opts)
+        self.public_url = public_url.rstrip("/") + "/" if public_url else None
+        self.url_expiry = url_expiry
+        inner = self._inner()
+        if isinstance(inner, LocalBackend) and self.public_url is None:
+            raise ConfigError(
+                "artifacts.public_url",
+                "a local artifact store needs the URL devices download it from: run `edge-deploy serve` "
+                "and set this to its address (for example http://203.0.113.5:8700/)",
+            )
+
+    def _inner(self) -> BlobBackend:
+        b = self.backend
+        return b.inner if isinstance(b, RetryingBackend) else b
+
+    @property
+    def root(self) -> Path | None:
+        """The directory of a local store (what ``edge-deploy serve`` serves), else None."""
+        inner = self._inner()
+        return inner.root if isinstance(inner, LocalBackend) else None
+
+    def put_file(self, name: str, path: Path) -> None:
+        # Artifacts are written once under a name that includes their version; a retried put
+        # replaces the same bytes.
+        self.backend.put(check_name(name, "artifact name"), path.read_bytes())
+
+    def get(self, name: str) -> bytes:
+        return self.backend.get(name)
+
+    def get_file(self, name: str, dest: Path) -> Path:
+        dest.write_bytes(self.backend.get(name))
+        return dest
+
+    def exists(self, name: str) -> bool:
+        try:
+            return name in self.backend.list(name)
+        except BlobError:
+            return False
+
+    def delete(self, name: str) -> None:
+        self.backend.delete(name)
+
+    def download_url(self, name: str) -> str:
+        """The URL a device downloads ``name`` from (no credentials needed beyond what it carries)."""
+        check_name(name, "artifact name")
+        inner = self._inner()
+        if isinstance(inner, S3Backend):
+            return inner.presigned_url(name, "GET", self.url_expiry)
+        if isinstance(inner, AzureBackend):
+            return inner.download_url(name)
+        assert self.public_url is not None
+        return self.public_url + urllib.parse.quote(name, safe="/")
+
+    def close(self) -> None:
+        self.backend.close()
