@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import socket
 import sys
 import time
 import uuid
@@ -139,6 +140,18 @@ def _policy(args: argparse.Namespace) -> Policy:
         min_requests=args.gate_min_requests,
         no_data=args.gate_no_data,
     )
+    bounds = (
+        args.gate_max_error_rate,
+        args.gate_max_error_rate_increase,
+        args.gate_max_p99_ratio,
+        args.gate_max_p99_ms,
+    )
+    if args.gate_soak <= 0 and any(b is not None for b in bounds):
+        raise ControlPlaneError(
+            ErrorCode.INVALID_ARGUMENT,
+            "a --gate-max-* bound without --gate-soak: the gate would never look",
+            "add --gate-soak SECONDS (how long each wave serves before it is judged)",
+        )
     if args.gate_soak > 0 and not gate.enabled:
         raise ControlPlaneError(
             ErrorCode.INVALID_ARGUMENT,
@@ -421,6 +434,10 @@ def _bar(done: int, total: int, width: int = 24) -> str:
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
+#: the state in which each command has done what it was asked (create, resume and watch: succeeded)
+_DONE = {"pause": "paused", "abort": "aborted", "rollback": "rolled_back"}
+
+
 def _drive(cp: ControlPlane, args: argparse.Namespace, dep_id: str) -> int:
     progress = _Progress()
 
@@ -438,7 +455,7 @@ def _drive(cp: ControlPlane, args: argparse.Namespace, dep_id: str) -> int:
     progress.done()
     out = cp.summary(dep_id)
     _out(args, out)
-    if dep["state"] == "succeeded":
+    if dep["state"] == _DONE.get(args.cmd, "succeeded"):
         return EXIT_OK
     if dep["state"] in ("rolled_back", "aborted"):
         return EXIT_FAILED
@@ -622,6 +639,8 @@ def _serve(cp: ControlPlane, args: argparse.Namespace) -> int:
     root = cp.artifacts.root
     server = BundleServer(root, host=host, port=int(port), keep_requests=1000).start() if root else None
     driver = cp.driver()
+    # One identity per host and home: a serve restarted after a crash takes its own lease back at once.
+    driver.owner = f"serve@{socket.gethostname()}:{cp.cfg.home.absolute()}"
     print(
         json.dumps({"serving": server.url if server else None, "registry": str(cp.cfg.registry_path)}),
         flush=True,

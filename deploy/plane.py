@@ -238,7 +238,6 @@ class ControlPlane:
         tags: Mapping[str, str],
         policy: Policy,
         sections: Mapping[str, Any] | None = None,
-        rollback_of: str | None = None,
     ) -> str:
         _ = self.fleet  # devices learned before the target is resolved
         ids = self.resolve_target(device_ids, tags)
@@ -252,7 +251,6 @@ class ControlPlane:
             policy.as_dict(),
             dict(sections or {}),
             plan_waves(len(ids), policy),
-            rollback_of=rollback_of,
         )
         return dep_id
 

@@ -178,7 +178,6 @@ def _m1(db: sqlite_utils.Database) -> None:
             "wave": int,
             "phase": str,
             "phase_since": float,
-            "rollback_of": str,
             "lease_owner": str,
             "lease_until": float,
             "created_at": float,
@@ -739,7 +738,6 @@ class Registry:
         policy: Mapping[str, Any],
         sections: Mapping[str, Any],
         waves: Sequence[int],
-        rollback_of: str | None = None,
     ) -> None:
         now = _now()
         with self.tx():
@@ -766,7 +764,6 @@ class Registry:
                     "wave": 0,
                     "phase": "start",
                     "phase_since": now,
-                    "rollback_of": rollback_of,
                     "lease_owner": None,
                     "lease_until": 0.0,
                     "created_at": now,
@@ -818,6 +815,18 @@ class Registry:
             params.append(state)
         sql = f"SELECT * FROM deployments WHERE {' AND '.join(where)} ORDER BY created_at, id"
         return [_deployment(r) for r in self._rows(sql, params)]
+
+    def newer_deployments(self, dep_id: str) -> set[str]:
+        """Deployments created after ``dep_id`` that published to one of its devices."""
+        rows = self._rows(
+            "SELECT DISTINCT later.deployment_id AS id FROM deployment_devices mine "
+            "JOIN deployment_devices later ON later.device_id = mine.device_id "
+            "JOIN deployments d ON d.id = later.deployment_id "
+            "WHERE mine.deployment_id = ? AND mine.state != 'pending' AND later.state != 'pending' "
+            "AND d.created_at > (SELECT created_at FROM deployments WHERE id = ?)",
+            [dep_id, dep_id],
+        )
+        return {r["id"] for r in rows}
 
     def update_deployment(self, dep_id: str, **fields: Any) -> None:
         fields["updated_at"] = _now()

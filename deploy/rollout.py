@@ -134,6 +134,8 @@ class Policy:
             problems.append("canary must be at least 1")
         if self.growth < 1:
             problems.append("growth must be at least 1")
+        if self.max_wave < 0:
+            problems.append("max_wave must be 0 (no limit) or positive")
         if not 0 <= self.failure_threshold < self.success_threshold <= 1:
             problems.append("thresholds need 0 <= failure_threshold < success_threshold <= 1")
         if self.wave_timeout_s <= 0:
@@ -368,11 +370,20 @@ class Driver:
 
     def _transition(self, dep: Mapping[str, Any], event: str, detail: Mapping[str, Any]) -> str:
         new = next_state(dep["state"], event)
-        self.reg.update_deployment(
-            dep["id"], state=new, reason=detail.get("reason"), phase=None, phase_since=self.clock()
-        )
+        fields: dict[str, Any] = {"state": new, "reason": detail.get("reason")}
+        if event == "resume":
+            # The wave's clock starts again: time spent paused is not the devices' fault. A held wave
+            # resumed is one the operator accepted.
+            fields["phase_since"] = self.clock()
+            if dep["phase"] == "held":
+                fields["phase"] = "next"
+        elif event == "wave_held":
+            fields["phase"] = "held"
+        elif new != "paused":
+            fields.update(phase=None, phase_since=self.clock())
+        self.reg.update_deployment(dep["id"], **fields)
         self.reg.event(dep["id"], event, {"from": dep["state"], "to": new, **detail})
-        log.info("rollout.transition", extra={"deployment": dep["id"], "event": event, "to": new})
+        log.info("rollout.transition", deployment=dep["id"], transition=event, to=new)
         return new
 
     def _observe(self, dep: Mapping[str, Any], members: list[dict[str, Any]], policy: Policy) -> None:
@@ -606,6 +617,15 @@ def command(reg: Registry, dep_id: str, cmd: str) -> dict[str, Any]:
         )
     dep = reg.deployment(dep_id)
     next_state(dep["state"], cmd)  # refuses what the table does not allow
+    if cmd == "rollback":
+        newer = reg.newer_deployments(dep_id)
+        if newer:
+            raise ControlPlaneError(
+                ErrorCode.DEPLOYMENT_STATE_CONFLICT,
+                f"deployment(s) {', '.join(sorted(newer))} updated devices of {dep_id} after it: rolling "
+                f"{dep_id} back would undo them",
+                "roll back the newest one, or deploy the image you want with `edge-deploy deploy create`",
+            )
     reg.update_deployment(dep_id, command=cmd)
     reg.event(dep_id, "command", {"command": cmd})
     return reg.deployment(dep_id)
@@ -634,7 +654,6 @@ def summary(reg: Registry, dep_id: str) -> dict[str, Any]:
         "policy": dep["policy"],
         "created_at": dep["created_at"],
         "updated_at": dep["updated_at"],
-        "rollback_of": dep["rollback_of"],
         "members": [
             {k: m[k] for k in ("device_id", "wave", "state", "generation", "error")} for m in members
         ],

@@ -207,11 +207,16 @@ class Azurite:
 
 
 class MotoS3:
-    """moto_server on 127.0.0.1:<free port> with IAM authentication enforced; ``credentials`` may do s3:*."""
+    """moto_server on 127.0.0.1:<free port> with IAM authentication enforced; ``credentials`` may do s3:*.
+
+    ``auth=False`` leaves authentication off: moto cannot check query-signed (presigned) requests
+    while it is on, so a test that downloads by presigned URL runs without it (the signatures
+    themselves are checked against botocore in test_cloud_sync.py)."""
 
     REGION = "us-east-1"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, auth: bool = True) -> None:
+        self.auth = auth
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port("127.0.0.1")
@@ -244,7 +249,10 @@ class MotoS3:
                 start_new_session=True,
             )
         _wait_http(self.endpoint + "/moto-api/", self._proc, self.log, "moto_server")
-        self._enable_auth()
+        if self.auth:
+            self._enable_auth()
+        else:
+            self.credentials = Credentials("AKIAEXAMPLEEXAMPLE00", "not-checked")
         return self
 
     def stop(self) -> None:

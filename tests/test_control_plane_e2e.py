@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,7 @@ import pytest
 from deploy import cli
 from deploy.registry import Registry
 from simulators import models
+from simulators.broker import free_port
 from simulators.bundle_server import BundleServer
 from simulators.rig import Rig, wait_until
 
@@ -298,7 +303,7 @@ def test_one_rollout_per_device_and_a_device_that_never_answers(env: Env, plane:
     rc, _doc, err = plane("deploy", "create", latest, "--tag-query", "site=lab")
     assert rc == 2 and "device_busy" in err and first["id"] in err
     aborted = plane("deploy", "abort", first["id"], "--json")
-    assert aborted[0] == 1 and aborted[1]["state"] == "aborted"
+    assert aborted[0] == 0 and aborted[1]["state"] == "aborted"
 
     agent = env.rig.agents["dev-4"]
     agent.stop()
@@ -318,3 +323,79 @@ def test_one_rollout_per_device_and_a_device_that_never_answers(env: Env, plane:
         "dev-4", lambda s: s.get("deployment_id") == dep["id"] + "-rb" and s["state"] == "active"
     )
     assert wait_until(lambda: agent.current_image() == sha2, 10)
+
+
+class Serve:
+    """`edge-deploy serve` as a real process: the artifact endpoint and the driver of live rollouts."""
+
+    def __init__(self, env: Env) -> None:
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = env.home / "serve.log"
+
+    def start(self) -> Serve:
+        port = free_port("127.0.0.1")
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "deploy.cli", "--home", str(self.env.home), "serve",
+                 "--listen", f"127.0.0.1:{port}"],
+                stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def _wait_state(plane: Plane, dep_id: str, pred: Any, timeout: float = 60.0) -> dict[str, Any]:
+    last: dict[str, Any] = {}
+
+    def check() -> bool:
+        nonlocal last
+        last = plane.ok("deploy", "show", dep_id, "--json")
+        return bool(pred(last))
+
+    assert wait_until(check, timeout, interval=0.2), last
+    return last
+
+
+def test_serve_drives_rollouts_through_pause_resume_a_crash_and_an_operator_rollback(
+    env: Env, plane: Plane
+) -> None:
+    sha = {ref: env.image_sha(ref) for ref in ("clf:1", "clf:2")}
+    assert all(env.rig.agents[d].current_image() == sha["clf:2"] for d in DEVICES)
+    serve = Serve(env).start()
+    try:
+        # an absolute gate: each wave serves 3 s before the next one starts
+        dep = plane.ok("deploy", "create", "clf:1", "--tag-query", "fleet=edge", "--canary", "1", "--no-wait",
+                       "--gate-soak", "3", "--gate-max-error-rate", "0.5", "--json")  # fmt: skip
+        dep_id = dep["id"]
+        _wait_state(plane, dep_id, lambda d: d["wave"] == 1 and d["counts"].get("active") == 1)
+        paused = plane.ok("deploy", "pause", dep_id, "--no-wait", "--json")
+        assert paused["state"] == "running"  # recorded; serve carries it out
+        _wait_state(plane, dep_id, lambda d: d["state"] == "paused")
+
+        # the control plane dies while the rollout is paused; a new one takes it over
+        serve.kill()
+        time.sleep(4)  # longer than the soak: paused, nothing moved
+        assert plane.ok("deploy", "show", dep_id, "--json")["wave"] == 1
+        serve.start()
+        plane.ok("deploy", "resume", dep_id, "--no-wait", "--json")
+        done = _wait_state(plane, dep_id, lambda d: d["state"] in ("succeeded", "rolled_back"), timeout=90)
+        assert done["state"] == "succeeded" and done["waves"] == 3, done
+        assert all(env.rig.agents[d].current_image() == sha["clf:1"] for d in DEVICES)
+
+        # rolling back an older deployment would undo this one: refused
+        older = plane.ok("deploy", "list", "--image", "clf:2", "--state", "succeeded", "--json")[0]["id"]
+        rc, _doc, err = plane("deploy", "rollback", older)
+        assert rc == 2 and "deployment_state_conflict" in err and dep_id in err
+        # rolling back the newest one puts every device back on what it ran before
+        rc, back, err = plane("deploy", "rollback", dep_id, "--json")
+        assert rc == 0 and back["state"] == "rolled_back", (back, err)
+        assert {m["state"] for m in back["members"]} == {"reverted"}
+        for d in DEVICES:
+            assert env.rig.agents[d].current_image() == sha["clf:2"], d
+    finally:
+        serve.kill()
