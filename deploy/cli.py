@@ -379,6 +379,18 @@ def _tags(items: list[str], what: str = "tag") -> dict[str, str]:
     return parse_tags(items, what)
 
 
+def _image_tags(items: list[str]) -> dict[str, str]:
+    """Image tags go into bundle.json, so the bundle builder's rules apply to them."""
+    tags: dict[str, str] = {}
+    for text in items:
+        key, value = bundle.parse_tag(text)
+        if key in tags:
+            # Refused rather than last-wins: the order of the flags must not change the image.
+            raise bundle.BuildError(f"tag {key!r} is given twice")
+        tags[key] = value
+    return tags
+
+
 def _out(
     args: argparse.Namespace,
     doc: Any,
@@ -550,7 +562,7 @@ def _registry_command(cp: ControlPlane, args: argparse.Namespace) -> int:
         return EXIT_OK
     if g == "image":
         if c == "build":
-            tags = _tags(args.tag)
+            tags = _image_tags(args.tag)
             smoke = _smoke(args)
             if args.version is not None:
                 return _image_build_file(args, smoke, tags)
@@ -668,7 +680,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(bundle.read_metadata(args.bundle), indent=2, sort_keys=True))
         return EXIT_OK
     if args.group == "image" and args.cmd == "build" and args.version is not None:
-        return _image_build_file(args, _smoke(args), _tags(args.tag))
+        return _image_build_file(args, _smoke(args), _image_tags(args.tag))
     if args.group == "manifest":
         return _manifest_command(args)
     with ControlPlane(config.load(args.home)) as cp:

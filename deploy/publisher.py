@@ -97,7 +97,8 @@ class OperatorClient:
             return
         with self._cond:
             self._reports[(parts[2], parts[3])] = doc
-            self._last_message = time.monotonic()
+            if msg.retain:  # heartbeats never stop; settle() waits for the retained documents only
+                self._last_message = time.monotonic()
             if self.keep_log:
                 self._log.append((parts[2], parts[3], time.time(), doc))
             self._cond.notify_all()
@@ -109,7 +110,7 @@ class OperatorClient:
         return out
 
     def settle(self, quiet_s: float = 0.5, timeout_s: float = 5.0) -> None:
-        """Wait until the retained reports have arrived: no message for ``quiet_s``, at most ``timeout_s``."""
+        """Wait until the retained reports have arrived: none for ``quiet_s``, at most ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while time.monotonic() < deadline:

@@ -321,7 +321,11 @@ class Registry:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         self.db = sqlite_utils.Database(conn)
-        self._migrate()
+        try:
+            self._migrate()
+        except BaseException:
+            conn.close()
+            raise
 
     def close(self) -> None:
         self.db.conn.close()

@@ -1,10 +1,12 @@
 """``edge-sim``: run real agents against a real broker on this machine.
 
 ``edge-sim demo`` is the whole path in one command, on embedded defaults: a local mosquitto with
-mutual TLS, a local bundle server, a fresh signing key, and N real ``edge-agent`` processes. It
-trains two Iris classifiers (scikit-learn, converted with skl2onnx), builds an image from each,
-deploys the first and scores it on every device, shows a tampered manifest being refused while the
-image keeps serving, updates to the second under continuous load, and rolls back to the first.
+mutual TLS, a control plane (SQLite registry, local artifact store served over HTTP), a fresh
+signing key, and N real ``edge-agent`` processes. It trains two Iris classifiers (scikit-learn,
+converted with skl2onnx), registers them as two versions of one model, builds an image from each,
+rolls the first out by tag (canary first) and scores it on every device, shows a tampered manifest
+being refused while the image keeps serving, rolls the second out behind an error-rate gate under
+continuous load, and rolls it back.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from agent import manifest as mf
-from simulators.rig import Rig
+from deploy import config
+from deploy.plane import ControlPlane
+from deploy.registry import Image
+from deploy.rollout import Gate, Policy
+from simulators.bundle_server import BundleServer
+from simulators.rig import Rig, to_toml
 
 
 def _say(msg: str) -> None:
@@ -31,19 +38,41 @@ def _short(digest: str) -> str:
     return digest[:12]
 
 
-def _iris_images(rig: Rig) -> tuple[Path, Path, dict[str, Any]]:
+def _control_plane(rig: Rig, home: Path) -> tuple[ControlPlane, BundleServer]:
+    """A control-plane home on embedded defaults: the rig's broker (as the operator), its signing key,
+    a local artifact store served over HTTP as `edge-deploy serve` would."""
+    (home / "keys").mkdir(parents=True)
+    for suffix in ("key", "pub"):
+        shutil.copyfile(rig.pubkey_path.with_suffix("." + suffix), home / "keys" / f"signing.{suffix}")
+    server = BundleServer(home / "artifacts").start()
+    cert = rig.broker.client_cert("operator")
+    (home / "config.toml").write_text(
+        to_toml({
+            "broker": {"host": rig.broker.host, "port": rig.broker.port, "ca": str(cert.ca_path),
+                       "cert": str(cert.cert_path), "key": str(cert.key_path), "prefix": rig.broker.prefix},
+            "artifacts": {"public_url": server.url + "/"},
+        })
+    )  # fmt: skip
+    return ControlPlane(config.load(home)), server
+
+
+def _iris_images(cp: ControlPlane, workdir: Path) -> tuple[list[Image], dict[str, Any]]:
     """Train two real classifiers on the Iris data set shipped with scikit-learn, convert them to
-    ONNX and build one image from each, with a smoke test computed by onnxruntime."""
+    ONNX, register both as versions of one model and build an image from each, with a smoke test
+    computed by onnxruntime."""
     import onnxruntime as ort
 
-    from deploy.bundle import SmokeTest, build_image
+    from deploy.bundle import SmokeTest
     from simulators.models import iris
 
-    data = iris(rig.workdir / "models")
+    data = iris(workdir / "models")
     rows = data["test_rows"]
-    out = []
-    for version, name in (("1", "logreg"), ("2", "forest")):
+    images = []
+    for name in ("logreg", "forest"):
         path = data["paths"][name]
+        model = cp.register_model(
+            "iris", path, {"algorithm": name}, {"accuracy": f"{data['accuracy'][name]:.3f}"}
+        )
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         label, probs = sess.run(None, {"X": rows[:1]})
         request = {"inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": rows[0].tolist()}]}
@@ -51,17 +80,11 @@ def _iris_images(rig: Rig) -> tuple[Path, Path, dict[str, Any]]:
             {"name": "label", "datatype": "INT64", "shape": [1], "data": label.tolist()},
             {"name": "probabilities", "datatype": "FP32", "shape": [1, 3], "data": probs.ravel().tolist()},
         ]}  # fmt: skip
-        b = rig.bundles_dir / f"iris-classifier-{version}.tar"
-        build_image(
-            b,
-            "iris-classifier",
-            version,
-            {"iris": path},
-            tags={"algorithm": name},
-            smoke_test=SmokeTest(request, expected),
-        )
-        out.append(b)
-    return out[0], out[1], data
+        images.append(
+            cp.build_image("iris-classifier", [("iris", "iris", model.version)], tags={"algorithm": name},
+                           smoke_test=SmokeTest(request, expected))
+        )  # fmt: skip
+    return images, data
 
 
 def _score_all(rig: Rig, ids: list[str], data: dict[str, Any]) -> None:
@@ -96,76 +119,107 @@ def demo(workdir: Path, devices: int, keep: bool) -> int:
         shutil.rmtree(workdir)
     ids = [f"dev-{i:03d}" for i in range(1, devices + 1)]
     with Rig(workdir) as rig:
-        _say(f"broker   mqtts://{rig.broker.host}:{rig.broker.port} (mutual TLS, per-device ACL)")
-        _say(f"bundles  {rig.server.url_for('')}")
-        _say(f"signing  key {mf.key_id(rig.key.public_key())[:16]} (Ed25519)")
+        cp, artifacts = _control_plane(rig, workdir / "control-plane")
+        try:
+            return _demo(rig, cp, ids, workdir, keep)
+        finally:
+            cp.close()
+            artifacts.stop()
+
+
+def _demo(rig: Rig, cp: ControlPlane, ids: list[str], workdir: Path, keep: bool) -> int:
+    _say(f"broker   mqtts://{rig.broker.host}:{rig.broker.port} (mutual TLS, per-device ACL)")
+    _say(f"registry {cp.cfg.registry_path}; artifacts served at {cp.cfg.public_url}")
+    _say(f"signing  key {mf.key_id(rig.key.public_key())[:16]} (Ed25519)")
+    for d in ids:
+        rig.add_device(d).start()
+    for d in ids:
+        rig.wait_status(d, lambda s: s.get("state") == "idle", timeout=60)
+    _say(f"agents   {', '.join(ids)} started")
+
+    (v1, v2), data = _iris_images(cp, workdir)
+    acc = ", ".join(f"{k} {v:.0%}" for k, v in data["accuracy"].items())
+    _say(f"models   iris:1 (logistic regression), iris:2 (random forest); test accuracy {acc}")
+    _say(f"images   {v1.ref} <- iris:1, {v2.ref} <- iris:2 (smoke tests inside)")
+    for dev in cp.devices():
+        cp.registry.tag_device(dev["id"], {"fleet": "demo"})
+
+    driver = cp.driver()
+
+    def rollout(dep_id: str, label: str) -> None:
+        t0 = time.monotonic()
+        dep = driver.run(dep_id, poll_s=0.05)
         for d in ids:
-            rig.add_device(d).start()
-        _say(f"agents   {', '.join(ids)} started")
+            st = rig.op.report(d) or {}
+            a = st["active"]
+            prov = st["runtime"]["image"]["models"]["iris"]["provider"]
+            _say(
+                f"  {d} runs image {a['name']}:{a['version']} (sha256 {_short(a['sha256'])}), verified, "
+                f"smoke-tested, on {prov}"
+            )
+        waves = "+".join(str(n) for n in _wave_sizes(cp, dep_id))
+        took = time.monotonic() - t0
+        _say(f"  {label}: {dep['state']}, {len(ids)} device(s) in waves of {waves}, {took:.2f}s")
 
-        v1, v2, data = _iris_images(rig)
-        acc = ", ".join(f"{k} {v:.0%}" for k, v in data["accuracy"].items())
-        _say(f"images   iris-classifier:1 (logistic regression), :2 (random forest); test accuracy {acc}")
+    _say("\n1. deploy iris-classifier:1 to the devices tagged fleet=demo, canary first, and score it")
+    rollout(cp.create_deployment(v1, [], {"fleet": "demo"}, Policy(canary=1)), "deployed")
+    _score_all(rig, ids, data)
 
-        def deploy_all(bundle: Path, generation: int, label: str) -> None:
-            t0 = time.monotonic()
-            for d in ids:
-                rig.deploy(d, rig.manifest(d, bundle, generation))
-            for d in ids:
-                s = rig.wait_active(d, generation, timeout=60)
-                a = s["active"]
-                prov = s["runtime"]["image"]["models"]["iris"]["provider"]
-                _say(
-                    f"  {d} runs image {a['name']}:{a['version']} (sha256 {_short(a['sha256'])}), verified, "
-                    f"smoke-tested, on {prov}"
-                )
-            _say(f"  {label}: {len(ids)} device(s) active in {time.monotonic() - t0:.2f}s")
+    _say("\n2. an attacker swaps the download URL inside a signed manifest")
+    bundle_path = cp.export_image(v2, workdir / "v2.tar")
+    env: dict[str, Any] = json.loads(rig.sign(rig.manifest(ids[0], bundle_path, int(time.time() * 1000))))
+    doc = json.loads(base64.b64decode(env["payload"]))
+    doc["image"]["urls"] = ["http://203.0.113.1/evil.tar"]
+    env["payload"] = base64.b64encode(mf.canonical_json(doc)).decode()
+    rig.publish(ids[0], mf.canonical_json(env))
+    s = rig.wait_status(ids[0], lambda s: bool(s.get("rejected")), timeout=30)
+    _say(f"  {ids[0]} refused it: {s['rejected']['code']}: {s['rejected']['message']}")
+    _say(f"  {ids[0]} still runs {s['active']['name']}:{s['active']['version']} (state {s['state']})")
 
-        _say("\n1. deploy iris-classifier:1 and score it on every device")
-        deploy_all(v1, 1, "deployed")
-        _score_all(rig, ids, data)
+    _say(f"\n3. update to iris-classifier:2 behind an error-rate gate while a client scores {ids[-1]}")
+    stop = threading.Event()
+    counts: dict[str, int] = {}
+    api = (rig.op.report(ids[-1]) or {})["runtime"]["api"]
+    loader = threading.Thread(target=_load, args=(api, stop, counts, data["test_rows"][0].tolist()))
+    loader.start()
+    gate = Gate(soak_s=1.0, max_error_rate=0.01, min_requests=1)
+    update = cp.create_deployment(v2, [], {"fleet": "demo"}, Policy(canary=1, gate=gate))
+    rollout(update, "updated")
+    time.sleep(0.2)
+    stop.set()
+    loader.join()
+    _say(f"  {ids[-1]} answered {sum(counts.values())} requests during the update: {counts}")
+    _score_all(rig, ids, data)
 
-        _say("\n2. an attacker swaps the download URL inside a signed manifest")
-        env: dict[str, Any] = json.loads(rig.sign(rig.manifest(ids[0], v2, 2)))
-        doc = json.loads(base64.b64decode(env["payload"]))
-        doc["image"]["urls"] = ["http://203.0.113.1/evil.tar"]
-        env["payload"] = base64.b64encode(mf.canonical_json(doc)).decode()
-        rig.publish(ids[0], mf.canonical_json(env))
-        s = rig.wait_status(ids[0], lambda s: bool(s.get("rejected")), timeout=30)
-        _say(f"  {ids[0]} refused it: {s['rejected']['code']}: {s['rejected']['message']}")
-        _say(f"  {ids[0]} still runs {s['active']['name']}:{s['active']['version']} (state {s['state']})")
+    _say("\n4. roll back: a new generation naming iris-classifier:1 (still stored: no download)")
+    cp.command(update, "rollback")
+    rollout(update, "rolled back")
 
-        _say(f"\n3. update to iris-classifier:2 while a client scores {ids[0]} continuously")
-        stop = threading.Event()
-        counts: dict[str, int] = {}
-        api = (rig.op.report(ids[0]) or {})["runtime"]["api"]
-        loader = threading.Thread(target=_load, args=(api, stop, counts, data["test_rows"][0].tolist()))
-        loader.start()
-        deploy_all(v2, 3, "updated")
-        time.sleep(0.2)
-        stop.set()
-        loader.join()
-        _say(f"  {ids[0]} answered {sum(counts.values())} requests during the update: {counts}")
-        _score_all(rig, ids, data)
-
-        _say("\n4. roll back: a new generation naming iris-classifier:1 (still stored: no download)")
-        deploy_all(v1, 4, "rolled back")
-
-        for d in ids:
-            agent = rig.agents[d]
-            on_disk = agent.current_image()
-            reported = (rig.op.report(d) or {}).get("active", {}).get("sha256")
-            if on_disk != reported:
-                _say(f"MISMATCH on {d}: disk {on_disk} vs status {reported}")
-                return 1
-        failed = sum(v for k, v in counts.items() if not k.startswith("v"))
-        _say(
-            f"\nevery device's status matches the image on its disk; {failed} failed requests. "
-            f"State and logs: {workdir}"
-        )
+    for d in ids:
+        on_disk = rig.agents[d].current_image()
+        reported = (rig.op.report(d) or {}).get("active", {}).get("sha256")
+        if on_disk != reported:
+            _say(f"MISMATCH on {d}: disk {on_disk} vs status {reported}")
+            return 1
+    _say("\ndeployments (edge-deploy deploy list):")
+    for dep in cp.registry.deployments():
+        s = cp.summary(dep["id"])
+        _say(f"  {s['id']}  {s['image']:<18} {s['state']:<12} models {','.join(s['models'])}  {s['counts']}")
+    failed = sum(v for k, v in counts.items() if not k.startswith("v"))
+    _say(
+        f"\nevery device's status matches the image on its disk; {failed} failed requests. "
+        f"State and logs: {workdir}"
+    )
     if not keep:
         shutil.rmtree(workdir, ignore_errors=True)
     return 1 if failed else 0
+
+
+def _wave_sizes(cp: ControlPlane, dep_id: str) -> list[int]:
+    sizes: dict[int, int] = {}
+    for m in cp.registry.members(dep_id):
+        sizes[m["wave"]] = sizes.get(m["wave"], 0) + 1
+    return [sizes[w] for w in sorted(sizes)]
 
 
 def main(argv: list[str] | None = None) -> int:

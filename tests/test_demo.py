@@ -30,5 +30,8 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert out.count("POST /score -> ") == 4 and "(5/5 right)" in out
     assert "refused it: manifest_bad_signature" in out
     assert "still runs iris-classifier:1" in out
+    assert "deployed: succeeded, 2 device(s) in waves of 1+1" in out
+    assert "updated: succeeded" in out and "rolled back: rolled_back" in out
+    assert "iris-classifier:2  rolled_back  models iris:2  {'reverted': 2}" in out
     assert "every device's status matches the image on its disk; 0 failed requests" in out
     assert not (tmp_path / "demo").exists()  # cleaned up without --keep
