@@ -18,16 +18,43 @@ Names are the registry's: ``models/<name>/<version>/<name>.onnx`` and
 from __future__ import annotations
 
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
 from cloud_sync.azure import AzureBackend
-from cloud_sync.backend import BlobBackend, BlobError, RetryingBackend, check_name, open_backend
+from cloud_sync.backend import (
+    PACE_CHUNK,
+    BlobBackend,
+    BlobError,
+    RetryingBackend,
+    TokenBucket,
+    check_name,
+    open_backend,
+)
 from cloud_sync.local import LocalBackend
 from cloud_sync.s3 import S3Backend
 
 DEFAULT_URL_EXPIRY_S = 7 * 24 * 3600
+
+#: progress(name, bytes sent, total bytes) while a put goes out
+Progress = Callable[[str, int, int], None]
+
+
+class _Meter(TokenBucket):
+    """Counts the bytes of a put as the backend hands them to the wire or the disk; caps nothing.
+
+    Every backend pays for what it writes in its bucket, piece by piece, so the bucket sees the
+    upload's real progress (a retried put starts again from 0)."""
+
+    def __init__(self) -> None:
+        super().__init__(1e18, burst=PACE_CHUNK)
+        self.on_bytes: Callable[[int], None] | None = None
+
+    def take(self, n: int) -> None:
+        if self.on_bytes is not None:
+            self.on_bytes(n)
 
 
 class ArtifactStore:
@@ -42,7 +69,8 @@ class ArtifactStore:
         local = "://" not in url or url.startswith("file:")
         if local:
             backend_opts.setdefault("create", True)
-        self.backend: BlobBackend = open_backend(url, **backend_opts)
+        self._meter = _Meter()
+        self.backend: BlobBackend = open_backend(url, bandwidth=self._meter, **backend_opts)
         self.public_url = public_url.rstrip("/") + "/" if public_url else None
         self.url_expiry = url_expiry
         inner = self._inner()
@@ -63,10 +91,23 @@ class ArtifactStore:
         inner = self._inner()
         return inner.root if isinstance(inner, LocalBackend) else None
 
-    def put_file(self, name: str, path: Path) -> None:
+    def put_file(self, name: str, path: Path, progress: Progress | None = None) -> None:
         # Artifacts are written once under a name that includes their version; a retried put
         # replaces the same bytes.
-        self.backend.put(check_name(name, "artifact name"), path.read_bytes())
+        data = path.read_bytes()
+        sent = 0
+
+        def count(n: int) -> None:
+            nonlocal sent
+            sent += n
+            if progress is not None:
+                progress(name, sent, len(data))
+
+        self._meter.on_bytes = count
+        try:
+            self.backend.put(check_name(name, "artifact name"), data)
+        finally:
+            self._meter.on_bytes = None
 
     def get(self, name: str) -> bytes:
         return self.backend.get(name)

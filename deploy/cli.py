@@ -441,6 +441,15 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+def _upload_progress() -> tuple[_Progress, Any]:
+    bar = _Progress()
+
+    def show(name: str, sent: int, total: int) -> None:
+        bar(f"uploading {name} {_bar(sent, total)} {sent / 2**20:.1f}/{total / 2**20:.1f} MiB")
+
+    return bar, show
+
+
 def _bar(done: int, total: int, width: int = 24) -> str:
     filled = width * done // total if total else width
     return "[" + "#" * filled + "." * (width - filled) + "]"
@@ -549,7 +558,11 @@ def _registry_command(cp: ControlPlane, args: argparse.Namespace) -> int:
     g, c = args.group, args.cmd
     if g == "model":
         if c == "register":
-            m = cp.register_model(args.name, args.file, _tags(args.tag), _tags(args.property, "property"))
+            bar, show = _upload_progress()
+            m = cp.register_model(
+                args.name, args.file, _tags(args.tag), _tags(args.property, "property"), show
+            )
+            bar.done()
             _out(args, m.as_dict())
         elif c == "list":
             ms = [m.as_dict() for m in reg.models(args.name, args.version, _tags(args.tag))]
@@ -566,6 +579,7 @@ def _registry_command(cp: ControlPlane, args: argparse.Namespace) -> int:
             smoke = _smoke(args)
             if args.version is not None:
                 return _image_build_file(args, smoke, tags)
+            bar, show = _upload_progress()
             image = cp.build_image(
                 args.name,
                 [_model_ref(m) for m in args.model],
@@ -575,7 +589,9 @@ def _registry_command(cp: ControlPlane, args: argparse.Namespace) -> int:
                 tags=tags,
                 properties=_tags(args.property, "property"),
                 smoke_test=smoke,
+                progress=show,
             )
+            bar.done()
             doc = image.as_dict()
             if args.out is not None:
                 doc["path"] = str(cp.export_image(image, args.out))
@@ -663,7 +679,7 @@ def _serve(cp: ControlPlane, args: argparse.Namespace) -> int:
             for dep in cp.registry.deployments():
                 live = dep["state"] in LIVE_STATES or dep["command"]
                 if live and cp.registry.take_lease(dep["id"], driver.owner, driver.LEASE_S):
-                    driver.step(dep["id"])
+                    driver.step_or_wait(dep["id"])
             time.sleep(cp.cfg.serve.poll)
     finally:
         if server is not None:

@@ -12,7 +12,7 @@ from typing import Any
 from agent.errors import ControlPlaneError, ErrorCode
 from agent.fetch import hash_file
 from deploy import bundle, signer
-from deploy.artifacts import ArtifactStore
+from deploy.artifacts import ArtifactStore, Progress
 from deploy.config import ControlPlaneConfig
 from deploy.publisher import OperatorClient
 from deploy.registry import Image, Model, Registry, check_name
@@ -104,7 +104,12 @@ class ControlPlane:
     # -- models ------------------------------------------------------------------------------------
 
     def register_model(
-        self, name: str, path: Path, tags: Mapping[str, str], properties: Mapping[str, Any]
+        self,
+        name: str,
+        path: Path,
+        tags: Mapping[str, str],
+        properties: Mapping[str, Any],
+        progress: Progress | None = None,
     ) -> Model:
         check_name(name, "model name")
         _readable(path, "model file")
@@ -120,7 +125,7 @@ class ControlPlane:
 
         def store(version: int) -> str:
             artifact = f"models/{name}/{version}/{name}.onnx"
-            self.artifacts.put_file(artifact, path)
+            self.artifacts.put_file(artifact, path, progress)
             return artifact
 
         return self.registry.add_model(
@@ -147,6 +152,7 @@ class ControlPlane:
         tags: Mapping[str, str] | None = None,
         properties: Mapping[str, Any] | None = None,
         smoke_test: bundle.SmokeTest | None = None,
+        progress: Progress | None = None,
     ) -> Image:
         """Build an image from registered models (alias, name, version or None for the latest)."""
         check_name(name, "image name")
@@ -191,7 +197,7 @@ class ControlPlane:
                         ErrorCode.INVALID_ARGUMENT, str(exc), "fix the input and build again"
                     ) from None
                 artifact = f"images/{name}/{version}/{out.name}"
-                self.artifacts.put_file(artifact, out)
+                self.artifacts.put_file(artifact, out, progress)
                 return built.sha256, built.size, artifact, bundle.read_metadata(out)
 
             return self.registry.add_image(name, build=build, models=models, tags=tags, properties=properties)

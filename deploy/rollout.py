@@ -368,6 +368,15 @@ class Driver:
             self._roll_back(dep, members, policy)
         return self.reg.deployment(dep_id)
 
+    def step_or_wait(self, dep_id: str) -> dict[str, Any]:
+        """``step``, but a broker that is away is waited for, not an error: the operator's connection
+        reconnects by itself, what was published is recorded, and the next step goes on from there."""
+        try:
+            return self.step(dep_id)
+        except (TimeoutError, OSError) as exc:
+            log.warning("rollout.broker_unavailable", deployment=dep_id, error=str(exc))
+            return self.reg.deployment(dep_id)
+
     def _transition(self, dep: Mapping[str, Any], event: str, detail: Mapping[str, Any]) -> str:
         new = next_state(dep["state"], event)
         fields: dict[str, Any] = {"state": new, "reason": detail.get("reason")}
@@ -455,7 +464,8 @@ class Driver:
             if dep["phase"] == "baseline" and not self._baseline_ready(dep, group, policy, now):
                 return
             for m in group:
-                self._publish(dep, m, policy, image)
+                if m["state"] == "pending":  # a step cut short by a broker outage published some
+                    self._publish(dep, m, policy, image)
             self.reg.update_deployment(dep["id"], wave=nxt, phase="waiting", phase_since=now)
             self.reg.event(
                 dep["id"], "wave_started", {"wave": nxt, "devices": [m["device_id"] for m in group]}
@@ -594,7 +604,7 @@ class Driver:
                 if not self.reg.take_lease(dep_id, self.owner, self.LEASE_S):
                     dep = self.reg.deployment(dep_id)  # another driver has it: watch only
                 else:
-                    dep = self.step(dep_id)
+                    dep = self.step_or_wait(dep_id)
                 if on_step is not None:
                     on_step(dep)
                 if dep["state"] in TERMINAL and not dep["command"]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,7 +76,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ArtifactSt
 def test_a_device_downloads_an_artifact_by_its_manifest_url(store: ArtifactStore, tmp_path: Path) -> None:
     src = tmp_path / "bundle.tar"
     src.write_bytes(DATA)
-    store.put_file(NAME, src)
+    seen: list[int] = []
+    store.put_file(NAME, src, lambda name, sent, total: seen.append(sent) if total == len(DATA) else None)
+    assert seen and seen[-1] == len(DATA) and seen == sorted(seen)  # what the CLI's progress bar shows
     assert store.exists(NAME) and not store.exists(NAME + ".other")
     url = store.download_url(NAME)
 
@@ -98,3 +102,28 @@ def test_a_local_store_needs_the_url_devices_reach_it_at(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as exc:
         ArtifactStore(str(tmp_path / "a"))  # local, and no URL devices could reach it at
     assert exc.value.field == "artifacts.public_url"
+
+
+def test_uploads_show_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    from simulators import models
+
+    model = models.mlp(tmp_path / "m.onnx", sizes=(64, 1024, 10))
+    server = BundleServer(tmp_path / "home" / "artifacts").start()
+    try:
+        (tmp_path / "home").mkdir(exist_ok=True)
+        (tmp_path / "home" / "config.toml").write_text(f'[artifacts]\npublic_url = "{server.url}/"\n')
+        for tty in (True, False):
+            master, slave = os.openpty()
+            r = subprocess.run(
+                [sys.executable, "-m", "deploy.cli", "--home", str(tmp_path / "home"), "model", "register",
+                 "m", str(model), "--json"],
+                stdout=subprocess.PIPE, stderr=slave if tty else subprocess.PIPE, timeout=60,
+            )  # fmt: skip
+            os.close(slave)
+            err = os.read(master, 65536).decode() if tty else r.stderr.decode()
+            os.close(master)
+            assert r.returncode == 0, err
+            assert ("uploading models/m/" in err) == tty, err
+            assert "MiB" in err if tty else err == ""
+    finally:
+        server.stop()

@@ -4,7 +4,10 @@
 register models, build images from them, deploy by tag in waves and see every device active; update
 to v2 under a (passing) latency gate; a broken v3 whose smoke test fails on the devices stops at
 the canary; a slow v4 that installs and passes its smoke test is stopped by the latency gate and
-its canaries are rolled back; deployments are found by model and by image."""
+its canaries are rolled back; deployments are found by model and by image.
+
+The tests share one fleet and one registry and run in this order: each starts from what the one
+before it left (the images it registered, what the devices run)."""
 
 from __future__ import annotations
 
@@ -294,6 +297,14 @@ def test_bad_input_is_refused_with_a_code_and_nothing_changes(env: Env, plane: P
     assert "clf:2" in err and "clf:4" in err
     refused("in_use", "image", "delete", "clf:2")
     refused("invalid_argument", "model", "delete", "mlp")  # deleting needs an exact version
+    refused("invalid_argument", "deploy", "create", "clf", "--device", "dev-1", "--gate-max-p99-ratio", "2")
+
+    # a broker that is not there: exit 4, and the registry is untouched
+    away = tmp_path / "away"
+    away.mkdir()
+    (away / "config.toml").write_text(f"[broker]\nport = {free_port('127.0.0.1')}\nconnect_timeout = 1.0\n")
+    rc, _doc, err = Plane(away, plane.capsys)("device", "list")
+    assert rc == 4 and "broker_unreachable" in err, err
 
 
 def test_one_rollout_per_device_and_a_device_that_never_answers(env: Env, plane: Plane) -> None:
@@ -399,3 +410,34 @@ def test_serve_drives_rollouts_through_pause_resume_a_crash_and_an_operator_roll
             assert env.rig.agents[d].current_image() == sha["clf:2"], d
     finally:
         serve.kill()
+
+
+def test_a_broker_outage_in_the_middle_of_a_rollout_only_delays_it(env: Env, plane: Plane) -> None:
+    sha1 = env.image_sha("clf:1")
+    outage = {"done": False}
+
+    def cut_the_broker() -> None:
+        reg = Registry(env.home / "registry.db")
+        try:
+            # once the canary is active (the rollout is soaking wave 1), the broker goes away for 3 s
+            def canary_active() -> bool:
+                deps = reg.deployments(image=("clf", 1), state="running")
+                return bool(deps) and any(m["state"] == "active" for m in reg.members(deps[-1]["id"]))
+
+            if wait_until(canary_active, 60):
+                env.rig.broker.stop()
+                time.sleep(3)
+                env.rig.broker.start()
+                outage["done"] = True
+        finally:
+            reg.close()
+
+    t = threading.Thread(target=cut_the_broker)
+    t.start()
+    rc, dep, err = plane("deploy", "create", "clf:1", "--tag-query", "fleet=edge", "--canary", "1",
+                         "--gate-soak", "2", "--gate-max-error-rate", "0.5", "--json")  # fmt: skip
+    t.join()
+    assert outage["done"]
+    assert rc == 0 and dep["state"] == "succeeded", (dep, err)
+    for d in DEVICES:
+        assert env.rig.agents[d].current_image() == sha1, d
