@@ -22,6 +22,7 @@ from agent import manifest as mf
 from agent.errors import ControlPlaneError, EdgeError, ErrorCode, ManifestRefused
 from agent.fetch import hash_file
 from deploy import bundle, config, signer
+from deploy.artifacts import Progress
 from deploy.plane import ControlPlane
 from deploy.registry import LIVE_STATES, parse_ref, parse_tags
 from deploy.rollout import Gate, Policy, summary
@@ -391,19 +392,14 @@ def _image_tags(items: list[str]) -> dict[str, str]:
     return tags
 
 
-def _out(
-    args: argparse.Namespace,
-    doc: Any,
-    rows: list[dict[str, Any]] | None = None,
-    columns: list[str] | None = None,
-) -> None:
-    """JSON with --json (or when stdout is not a terminal and there is no table); else a table."""
+def _out(args: argparse.Namespace, doc: Any, columns: list[str] | None = None) -> None:
+    """One JSON document with --json, or for a command that has no table; else a table."""
     if getattr(args, "json", False) or columns is None:
         print(
             json.dumps(doc, indent=None if getattr(args, "json", False) else 2, sort_keys=True, default=str)
         )
         return
-    rows = rows if rows is not None else (doc if isinstance(doc, list) else [doc])
+    rows = doc if isinstance(doc, list) else [doc]
     cells = [[_cell(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
@@ -441,7 +437,7 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-def _upload_progress() -> tuple[_Progress, Any]:
+def _upload_progress() -> tuple[_Progress, Progress]:
     bar = _Progress()
 
     def show(name: str, sent: int, total: int) -> None:
@@ -463,6 +459,8 @@ def _drive(cp: ControlPlane, args: argparse.Namespace, dep_id: str) -> int:
     progress = _Progress()
 
     def on_step(dep: dict[str, Any]) -> None:
+        if not progress.tty:
+            return
         s = summary(cp.registry, dep_id)
         c = s["counts"]
         done = c.get("active", 0) + c.get("failed", 0) + c.get("reverted", 0) + c.get("revert_failed", 0)

@@ -3,10 +3,15 @@
 Desired state is published retained (QoS 1), so a device that is offline gets its manifest the
 moment it connects. Reports (status, online, inventory) are read from the devices' retained topics:
 the control plane's view of the fleet is rebuilt from them alone.
+
+The network loop is our own thread, as in the agent: paho 1.6's ``loop_start`` thread dies on an
+``ssl.SSLEOFError`` when the broker goes away in the middle of a write, and never reconnects (a
+broker restart in the middle of a rollout showed it). Ours catches it and reconnects.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 import threading
@@ -18,7 +23,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from agent.fetch import backoff_delays
+from agent.log import get_logger
 from agent.topics import DEFAULT_PREFIX, Topics
+
+log = get_logger("operator")
 
 StatusPredicate = Callable[[dict[str, Any]], bool]
 
@@ -53,8 +62,13 @@ class OperatorClient:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
-        self._client.reconnect_delay_set(min_delay=1, max_delay=5)
+        self._client.on_publish = self._on_publish
+        #: message ids the broker acknowledged (PUBACK) and publish_manifest has not collected yet
+        self._acked: set[int] = set()
         self._host, self._port = host, port
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._delay = backoff_delays(0.5, 5.0)
 
     def __enter__(self) -> OperatorClient:
         self.connect()
@@ -65,14 +79,39 @@ class OperatorClient:
 
     def connect(self, timeout: float = 10.0) -> None:
         self._client.connect(self._host, self._port, keepalive=30)
-        self._client.loop_start()
+        self._thread = threading.Thread(target=self._loop, name="operator-mqtt", daemon=True)
+        self._thread.start()
         if not self._connected.wait(timeout):
             self.close()
             raise TimeoutError(f"operator could not connect to {self._host}:{self._port} within {timeout}s")
 
     def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
+        self._stop.set()
+        if self._connected.is_set():
+            self._client.disconnect()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5.0)
+
+    def _loop(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                if attempt:
+                    self._client.reconnect()
+                rc = mqtt.MQTT_ERR_SUCCESS
+                while rc == mqtt.MQTT_ERR_SUCCESS and not self._stop.is_set():
+                    rc = self._client.loop(timeout=0.5)
+                    if self._connected.is_set():
+                        attempt = 1
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                log.warning("operator.connection_lost", host=self._host, port=self._port, error=str(exc))
+            if self._stop.is_set():
+                break
+            self._connected.clear()
+            self._stop.wait(self._delay(attempt))
+            attempt += 1
+        with contextlib.suppress(OSError, ValueError):
+            self._client.loop(timeout=0.1)  # flush the DISCONNECT
 
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
         if rc == 0:
@@ -85,7 +124,7 @@ class OperatorClient:
             self._connected.set()
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _rc: Any, _p: Any = None) -> None:
-        self._connected.clear()  # paho's loop thread reconnects by itself
+        self._connected.clear()  # our loop thread reconnects
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         parts = msg.topic.split("/")
@@ -101,6 +140,11 @@ class OperatorClient:
                 self._last_message = time.monotonic()
             if self.keep_log:
                 self._log.append((parts[2], parts[3], time.time(), doc))
+            self._cond.notify_all()
+
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int) -> None:
+        with self._cond:
+            self._acked.add(mid)
             self._cond.notify_all()
 
     def drain(self) -> list[tuple[str, str, float, dict[str, Any]]]:
@@ -127,9 +171,20 @@ class OperatorClient:
         if not self._connected.wait(timeout):
             raise TimeoutError(f"not connected to the broker {self._host}:{self._port} for {timeout}s")
         info = self._client.publish(Topics(self.prefix, device_id).desired, envelope, qos=1, retain=True)
-        info.wait_for_publish(timeout)
-        if not info.is_published():
-            raise TimeoutError(f"broker did not acknowledge the manifest for {device_id} within {timeout}s")
+        # A connection that dropped since the check above gives MQTT_ERR_NO_CONN, but paho has queued
+        # the message and sends it on reconnect (its wait_for_publish would raise): wait for the ack.
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise OSError(f"cannot publish the manifest for {device_id}: {mqtt.error_string(info.rc)}")
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while info.mid not in self._acked:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(
+                        f"the broker did not acknowledge the manifest for {device_id} in {timeout}s"
+                    )
+                self._cond.wait(left)
+            self._acked.discard(info.mid)
 
     def report(self, device_id: str, kind: str = "status") -> dict[str, Any] | None:
         with self._cond:

@@ -106,6 +106,24 @@ def _tag_filter(column: str, tags: Mapping[str, str]) -> tuple[str, list[Any]]:
     return " AND ".join(clauses), params
 
 
+def _filters(
+    alias: str, name: str | None, version: int | None, tags: Mapping[str, str] | None
+) -> tuple[str, list[Any]]:
+    """The WHERE clause of a search of models or images (``alias`` is the table's, with its dot)."""
+    where, params = ["1"], list[Any]()
+    if name:
+        where.append(f"{alias}name = ?")
+        params.append(name)
+    if version is not None:
+        where.append(f"{alias}version = ?")
+        params.append(version)
+    if tags:
+        clause, p = _tag_filter(f"{alias}tags", tags)
+        where.append(clause)
+        params += p
+    return " AND ".join(where), params
+
+
 # -- migrations ----------------------------------------------------------------------------------------
 
 
@@ -409,41 +427,31 @@ class Registry:
         row = self.db.execute(f"SELECT MAX(version) FROM {table} WHERE name = ?", [name]).fetchone()
         return int(row[0] or 0) + 1
 
+    def _versioned(self, table: str, name: str, version: int | None) -> dict[str, Any]:
+        """The row of ``name:version`` (the latest version when None) of models or images."""
+        what = table[:-1]
+        check_name(name, f"{what} name")
+        where, params = ("name = ? AND version = ?", [name, version]) if version else ("name = ?", [name])
+        rows = self._rows(f"SELECT * FROM {table} WHERE {where} ORDER BY version DESC LIMIT 1", params)
+        if rows:
+            return rows[0]
+        known = self._rows(f"SELECT version FROM {table} WHERE name = ? ORDER BY version", [name])
+        have = ", ".join(str(r["version"]) for r in known)
+        raise ControlPlaneError(
+            ErrorCode.MODEL_NOT_FOUND if table == "models" else ErrorCode.IMAGE_NOT_FOUND,
+            f"no {what} {name}" + (f":{version}" if version else "") + " is registered"
+            + (f" (versions: {have})" if have else ""),
+            f"see `edge-deploy {what} list`",
+        )  # fmt: skip
+
     def model(self, name: str, version: int | None = None) -> Model:
-        check_name(name, "model name")
-        if version is None:
-            rows = self._rows("SELECT * FROM models WHERE name = ? ORDER BY version DESC LIMIT 1", [name])
-        else:
-            rows = self._rows("SELECT * FROM models WHERE name = ? AND version = ?", [name, version])
-        if not rows:
-            known = self._rows("SELECT version FROM models WHERE name = ? ORDER BY version", [name])
-            have = ", ".join(str(r["version"]) for r in known)
-            raise ControlPlaneError(
-                ErrorCode.MODEL_NOT_FOUND,
-                f"no model {name}"
-                + (f":{version}" if version else "")
-                + " is registered"
-                + (f" (versions: {have})" if have else ""),
-                "see `edge-deploy model list`; register it with `edge-deploy model register`",
-            )
-        return _model(rows[0])
+        return _model(self._versioned("models", name, version))
 
     def models(
         self, name: str | None = None, version: int | None = None, tags: Mapping[str, str] | None = None
     ) -> list[Model]:
-        where: list[str] = ["1"]
-        params: list[Any] = []
-        if name:
-            where.append("name = ?")
-            params.append(name)
-        if version is not None:
-            where.append("version = ?")
-            params.append(version)
-        if tags:
-            clause, p = _tag_filter("tags", tags)
-            where.append(clause)
-            params += p
-        sql = f"SELECT * FROM models WHERE {' AND '.join(where)} ORDER BY name, version"
+        where, params = _filters("", name, version, tags)
+        sql = f"SELECT * FROM models WHERE {where} ORDER BY name, version"
         return [_model(r) for r in self._rows(sql, params)]
 
     def delete_model(self, name: str, version: int) -> Model:
@@ -527,18 +535,7 @@ class Registry:
         )
 
     def image(self, name: str, version: int | None = None) -> Image:
-        check_name(name, "image name")
-        if version is None:
-            rows = self._rows("SELECT * FROM images WHERE name = ? ORDER BY version DESC LIMIT 1", [name])
-        else:
-            rows = self._rows("SELECT * FROM images WHERE name = ? AND version = ?", [name, version])
-        if not rows:
-            raise ControlPlaneError(
-                ErrorCode.IMAGE_NOT_FOUND,
-                f"no image {name}" + (f":{version}" if version else "") + " is registered",
-                "see `edge-deploy image list`; build one with `edge-deploy image build`",
-            )
-        return self._image(rows[0])
+        return self._image(self._versioned("images", name, version))
 
     def image_by_id(self, image_id: int) -> Image:
         return self._image(self._rows("SELECT * FROM images WHERE id = ?", [image_id])[0])
@@ -554,18 +551,8 @@ class Registry:
         tags: Mapping[str, str] | None = None,
         model: tuple[str, int | None] | None = None,
     ) -> list[Image]:
-        where: list[str] = ["1"]
-        params: list[Any] = []
-        if name:
-            where.append("i.name = ?")
-            params.append(name)
-        if version is not None:
-            where.append("i.version = ?")
-            params.append(version)
-        if tags:
-            clause, p = _tag_filter("i.tags", tags)
-            where.append(clause)
-            params += p
+        clause, params = _filters("i.", name, version, tags)
+        where = [clause]
         if model is not None:
             sub = (
                 "SELECT im.image_id FROM image_models im JOIN models m ON m.id = im.model_id WHERE m.name = ?"
@@ -831,6 +818,15 @@ class Registry:
             [dep_id, dep_id],
         )
         return {r["id"] for r in rows}
+
+    def take_command(self, dep_id: str) -> str | None:
+        """The operator's pending command, cleared in the same transaction (none is lost to a race)."""
+        with self.tx():
+            row = self.db.execute("SELECT command FROM deployments WHERE id = ?", [dep_id]).fetchone()
+            if row and row[0]:
+                self.db.execute("UPDATE deployments SET command = NULL WHERE id = ?", [dep_id])
+                return str(row[0])
+        return None
 
     def update_deployment(self, dep_id: str, **fields: Any) -> None:
         fields["updated_at"] = _now()

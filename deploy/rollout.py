@@ -356,9 +356,8 @@ class Driver:
         policy = Policy.from_dict(dep["policy"])
         members = self.reg.members(dep_id)
         self._observe(dep, members, policy)
-        command = dep["command"]
+        command = self.reg.take_command(dep_id)
         if command:
-            self.reg.update_deployment(dep_id, command=None)
             self._transition(dep, command, {"by": "operator"})
             dep = self.reg.deployment(dep_id)
             members = self.reg.members(dep_id)

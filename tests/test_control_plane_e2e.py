@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -441,3 +442,15 @@ def test_a_broker_outage_in_the_middle_of_a_rollout_only_delays_it(env: Env, pla
     assert rc == 0 and dep["state"] == "succeeded", (dep, err)
     for d in DEVICES:
         assert env.rig.agents[d].current_image() == sha1, d
+
+    # on a terminal, following a rollout shows one progress line; as JSON on stdout, the result
+    master, slave = os.openpty()
+    r = subprocess.run(
+        [sys.executable, "-m", "deploy.cli", "--home", str(env.home), "deploy", "watch", dep["id"], "--json"],
+        stdout=subprocess.PIPE, stderr=slave, timeout=60,
+    )  # fmt: skip
+    os.close(slave)
+    line = os.read(master, 65536).decode()
+    os.close(master)
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "succeeded"
+    assert f"{dep['id']} succeeded" in line and "wave 3/3 [########################] active 4" in line, line
