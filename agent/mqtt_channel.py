@@ -57,6 +57,10 @@ class MqttChannel:
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mqtt", daemon=True)
+        # paho writes a publish inline, from the publishing thread, unless it knows a network thread
+        # (``loop_start`` tells it so). Reading and writing one TLS socket from two threads corrupts
+        # the stream and the broker drops the connection, so tell paho about ours.
+        self._client._thread = self._thread  # type: ignore[attr-defined]
         self._delay = backoff_delays(cfg.reconnect_min, cfg.reconnect_max)
         self._on_desired: DesiredHandler = lambda _raw: None
         self._on_connected: ConnectHandler = lambda: None
@@ -95,10 +99,14 @@ class MqttChannel:
             )
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=2.0)
-            self._client.disconnect()
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5.0)
+        # The network thread is gone: paho may write from this one now. A clean DISCONNECT means
+        # the broker does not publish the last will.
+        self._client._thread = None  # type: ignore[attr-defined]
+        with contextlib.suppress(OSError, ValueError):
+            self._client.disconnect()
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -139,7 +147,7 @@ class MqttChannel:
             log.info("mqtt.reconnect_wait", delay_s=round(delay, 2), attempt=attempt)
             self._stop.wait(delay)
         with contextlib.suppress(OSError, ValueError):
-            self._client.loop(timeout=0.1)  # flush the goodbye and the DISCONNECT packet
+            self._client.loop(timeout=0.1)  # flush what is still queued (the last status)
 
     def _on_connect(
         self, client: mqtt.Client, _u: Any, flags: dict[str, Any], rc: Any, _p: Any = None

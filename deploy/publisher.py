@@ -80,6 +80,9 @@ class OperatorClient:
     def connect(self, timeout: float = 10.0) -> None:
         self._client.connect(self._host, self._port, keepalive=30)
         self._thread = threading.Thread(target=self._loop, name="operator-mqtt", daemon=True)
+        # Without this paho writes each publish from the caller's thread while ours reads the same
+        # TLS socket, which corrupts the stream (agent/mqtt_channel.py says more).
+        self._client._thread = self._thread  # type: ignore[attr-defined]
         self._thread.start()
         if not self._connected.wait(timeout):
             self.close()
@@ -87,10 +90,11 @@ class OperatorClient:
 
     def close(self) -> None:
         self._stop.set()
-        if self._connected.is_set():
-            self._client.disconnect()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5.0)
+        self._client._thread = None  # type: ignore[attr-defined]  # ours is gone: write inline
+        with contextlib.suppress(OSError, ValueError):
+            self._client.disconnect()
 
     def _loop(self) -> None:
         attempt = 0
@@ -110,8 +114,6 @@ class OperatorClient:
             self._connected.clear()
             self._stop.wait(self._delay(attempt))
             attempt += 1
-        with contextlib.suppress(OSError, ValueError):
-            self._client.loop(timeout=0.1)  # flush the DISCONNECT
 
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
         if rc == 0:

@@ -211,10 +211,11 @@ def test_swap_under_load_fails_no_request_and_answers_change(env: Env) -> None:
     b = env.image(nxt, seed=int(nxt))
     want_old = direct(env.models[current], X[:1])
     want_new = direct(env.models[nxt], X[:1])
-    results: list[tuple[int, str, np.ndarray | None]] = []
+    # one list per client: each client's requests are sequential, so its answers are in time order
+    per_client: list[list[tuple[int, str, np.ndarray | None]]] = [[], []]
     stop = threading.Event()
 
-    def load() -> None:
+    def load(results: list[tuple[int, str, np.ndarray | None]]) -> None:
         with httpx.Client(base_url=env.client.base_url, timeout=10) as c:
             while not stop.is_set():
                 try:
@@ -230,7 +231,7 @@ def test_swap_under_load_fails_no_request_and_answers_change(env: Env) -> None:
                     (200, doc["model_version"], np.array(doc["outputs"][0]["data"]).reshape(1, 10))
                 )
 
-    threads = [threading.Thread(target=load) for _ in range(2)]
+    threads = [threading.Thread(target=load, args=(results,)) for results in per_client]
     for t in threads:
         t.start()
     time.sleep(0.3)
@@ -240,12 +241,14 @@ def test_swap_under_load_fails_no_request_and_answers_change(env: Env) -> None:
     for t in threads:
         t.join()
     assert status["state"] == "active", status
+    results = per_client[0] + per_client[1]
     failures = [r for r in results if r[0] != 200]
     assert failures == [], failures[:5]
-    versions = [r[1] for r in results]
-    assert versions[0] == current and versions[-1] == nxt
-    switch = versions.index(nxt)
-    assert set(versions[switch:]) == {nxt}  # no old answer after the first new one
+    for answers in per_client:
+        versions = [r[1] for r in answers]
+        assert versions[0] == current and versions[-1] == nxt
+        switch = versions.index(nxt)
+        assert set(versions[switch:]) == {nxt}  # no old answer after the first new one
     for _, v, y in results:
         np.testing.assert_allclose(y, want_new if v == nxt else want_old, rtol=1e-6)  # type: ignore[arg-type]
 
