@@ -62,6 +62,7 @@ class MqttChannel:
         # the stream and the broker drops the connection, so tell paho about ours.
         self._client._thread = self._thread  # type: ignore[attr-defined]
         self._delay = backoff_delays(cfg.reconnect_min, cfg.reconnect_max)
+        self._connected_once = False
         self._on_desired: DesiredHandler = lambda _raw: None
         self._on_connected: ConnectHandler = lambda: None
 
@@ -114,24 +115,24 @@ class MqttChannel:
         # QoS 1: while offline paho keeps the message and sends it after reconnecting.
         self._client.publish(topic, payload, qos=1, retain=retain)
 
-    def _loop(self) -> None:
+    def connect_once(self) -> None:
+        """One connection attempt (blocking: TCP and TLS handshake); raises OSError, ssl.SSLError or
+        ValueError. The first one sets the persistent session up; later ones resume it."""
+        if self._connected_once:
+            self._client.reconnect()
+            return
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.cfg.session_expiry
+        self._client.connect(
+            self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive, clean_start=False, properties=props
+        )
+        self._connected_once = True
+
+    def _loop(self) -> None:
         attempt = 0
-        first = True
         while not self._stop.is_set():
             try:
-                if first:
-                    self._client.connect(
-                        self.cfg.host,
-                        self.cfg.port,
-                        keepalive=self.cfg.keepalive,
-                        clean_start=False,
-                        properties=props,
-                    )
-                    first = False
-                else:
-                    self._client.reconnect()
+                self.connect_once()
                 rc = mqtt.MQTT_ERR_SUCCESS
                 while rc == mqtt.MQTT_ERR_SUCCESS and not self._stop.is_set():
                     rc = self._client.loop(timeout=0.5)

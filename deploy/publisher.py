@@ -170,23 +170,33 @@ class OperatorClient:
             return sorted({d for d, _ in self._reports})
 
     def publish_manifest(self, device_id: str, envelope: bytes, timeout: float = 30.0) -> None:
+        self.publish_manifests([(device_id, envelope)], timeout)
+
+    def publish_manifests(self, items: list[tuple[str, bytes]], timeout: float = 30.0) -> None:
+        """Publish each device's envelope as its retained desired state, all at once, and return when
+        the broker has acknowledged every one (a wave of a thousand is one round trip, not a thousand)."""
         if not self._connected.wait(timeout):
             raise TimeoutError(f"not connected to the broker {self._host}:{self._port} for {timeout}s")
-        info = self._client.publish(Topics(self.prefix, device_id).desired, envelope, qos=1, retain=True)
-        # A connection that dropped since the check above gives MQTT_ERR_NO_CONN, but paho has queued
-        # the message and sends it on reconnect (its wait_for_publish would raise): wait for the ack.
-        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            raise OSError(f"cannot publish the manifest for {device_id}: {mqtt.error_string(info.rc)}")
+        mids = {}
+        for device_id, envelope in items:
+            info = self._client.publish(Topics(self.prefix, device_id).desired, envelope, qos=1, retain=True)
+            # A connection that dropped since the check above gives MQTT_ERR_NO_CONN, but paho has
+            # queued the message and sends it on reconnect (its wait_for_publish would raise).
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                raise OSError(f"cannot publish the manifest for {device_id}: {mqtt.error_string(info.rc)}")
+            mids[info.mid] = device_id
         deadline = time.monotonic() + timeout
         with self._cond:
-            while info.mid not in self._acked:
+            while not set(mids) <= self._acked:
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    missing = sorted(d for m, d in mids.items() if m not in self._acked)
                     raise TimeoutError(
-                        f"the broker did not acknowledge the manifest for {device_id} in {timeout}s"
+                        f"the broker did not acknowledge the manifests for {', '.join(missing[:5])}"
+                        f"{' ...' if len(missing) > 5 else ''} in {timeout}s"
                     )
                 self._cond.wait(left)
-            self._acked.discard(info.mid)
+            self._acked -= set(mids)
 
     def report(self, device_id: str, kind: str = "status") -> dict[str, Any] | None:
         with self._cond:

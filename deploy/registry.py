@@ -661,15 +661,24 @@ class Registry:
             self.db.execute("UPDATE devices SET tags = ? WHERE id = ?", [_j(tags), device_id])
         return self.device(device_id)
 
-    def next_generation(self, device_id: str) -> int:
-        """Above every generation this device has seen: the registry's count, its reported status and
-        the clock (milliseconds), so a lost or restored registry still issues growing generations."""
+    def next_generations(self, device_ids: Sequence[str]) -> dict[str, int]:
+        """For each device, a generation above every one it has seen: the registry's count, its
+        reported status and the clock (milliseconds), so a lost or restored registry still issues
+        growing generations. One transaction for a whole wave."""
+        floor = int(_now() * 1000)
+        out = {}
         with self.tx():
-            row = self.db.execute("SELECT last_generation FROM devices WHERE id = ?", [device_id]).fetchone()
-            last = int(row[0] or 0) if row else 0
-            gen = max(last + 1, int(_now() * 1000))
-            self.db.execute("UPDATE devices SET last_generation = ? WHERE id = ?", [gen, device_id])
-        return gen
+            for device_id in device_ids:
+                row = self.db.execute(
+                    "SELECT last_generation FROM devices WHERE id = ?", [device_id]
+                ).fetchone()
+                gen = max((int(row[0] or 0) if row else 0) + 1, floor)
+                self.db.execute("UPDATE devices SET last_generation = ? WHERE id = ?", [gen, device_id])
+                out[device_id] = gen
+        return out
+
+    def next_generation(self, device_id: str) -> int:
+        return self.next_generations([device_id])[device_id]
 
     # -- heartbeats --------------------------------------------------------------------------------
 

@@ -281,7 +281,7 @@ class Fleet(Protocol):
 
     def report(self, device_id: str, kind: str = "status") -> dict[str, Any] | None: ...
 
-    def publish_manifest(self, device_id: str, envelope: bytes, timeout: float = 30.0) -> None: ...
+    def publish_manifests(self, items: list[tuple[str, bytes]], timeout: float = 30.0) -> None: ...
 
 
 def _windows(rows: Sequence[Mapping[str, Any]]) -> list[Window]:
@@ -395,6 +395,10 @@ class Driver:
         return new
 
     def _observe(self, dep: Mapping[str, Any], members: list[dict[str, Any]], policy: Policy) -> None:
+        with self.reg.tx():  # one commit for all the outcomes a step sees, not one per device
+            self._observe_members(dep, members, policy)
+
+    def _observe_members(self, dep: Mapping[str, Any], members: list[dict[str, Any]], policy: Policy) -> None:
         now = self.clock()
         for m in members:
             status = self.fleet.report(m["device_id"])
@@ -420,31 +424,35 @@ class Driver:
                     outcome, error = "failed", {"code": "timeout", "message": "no status for the rollback"}
                 if outcome != "pending":
                     state = "reverted" if outcome == "active" else "revert_failed"
-                    self.reg.update_member(dep["id"], m["device_id"], state=state, error=error)
+                    # a reverted device keeps the error that made it fail, if it failed
+                    fields = {"state": state} if outcome == "active" else {"state": state, "error": error}
+                    self.reg.update_member(dep["id"], m["device_id"], **fields)
                     self.reg.event(dep["id"], f"device_{state}", {"device": m["device_id"], "error": error})
                     m["state"] = state
 
-    def _publish(self, dep: Mapping[str, Any], m: dict[str, Any], policy: Policy, image: Image) -> None:
-        device_id = m["device_id"]
-        status = self.fleet.report(device_id) or {}
-        previous = status.get("active")
-        gen = self.reg.next_generation(device_id)
-        envelope = self.manifest(
-            device_id, image, dep["id"], dep["id"], gen, dep["sections"], policy.manifest_ttl_s
-        )
-        self.fleet.publish_manifest(device_id, envelope)
+    def _publish(
+        self, dep: Mapping[str, Any], group: list[dict[str, Any]], policy: Policy, image: Image
+    ) -> None:
+        """One wave's manifests: signed, published together, then recorded in one transaction."""
+        out = []
+        gens = self.reg.next_generations([m["device_id"] for m in group])
+        for m in group:
+            device_id = m["device_id"]
+            previous = (self.fleet.report(device_id) or {}).get("active")
+            gen = gens[device_id]
+            envelope = self.manifest(
+                device_id, image, dep["id"], dep["id"], gen, dep["sections"], policy.manifest_ttl_s
+            )
+            out.append((m, gen, previous, envelope))
+        self.fleet.publish_manifests([(m["device_id"], env) for m, _g, _p, env in out])
         now = self.clock()
-        sha = hashlib.sha256(envelope).hexdigest()
-        self.reg.update_member(
-            dep["id"],
-            device_id,
-            state="updating",
-            generation=gen,
-            previous=previous,
-            published_at=now,
-            manifest_sha256=sha,
-        )
-        m.update(state="updating", generation=gen, previous=previous, published_at=now, manifest_sha256=sha)
+        with self.reg.tx():
+            for m, gen, previous, envelope in out:
+                sha = hashlib.sha256(envelope).hexdigest()
+                fields = {"state": "updating", "generation": gen, "previous": previous, "published_at": now,
+                          "manifest_sha256": sha}  # fmt: skip
+                self.reg.update_member(dep["id"], m["device_id"], **fields)
+                m.update(fields)
 
     def _advance(self, dep: Mapping[str, Any], members: list[dict[str, Any]], policy: Policy) -> None:
         image = self.reg.image_by_id(dep["image_id"])
@@ -462,9 +470,8 @@ class Driver:
                 return
             if dep["phase"] == "baseline" and not self._baseline_ready(dep, group, policy, now):
                 return
-            for m in group:
-                if m["state"] == "pending":  # a step cut short by a broker outage published some
-                    self._publish(dep, m, policy, image)
+            # a step cut short by a broker outage may have published some already
+            self._publish(dep, [m for m in group if m["state"] == "pending"], policy, image)
             self.reg.update_deployment(dep["id"], wave=nxt, phase="waiting", phase_since=now)
             self.reg.event(
                 dep["id"], "wave_started", {"wave": nxt, "devices": [m["device_id"] for m in group]}
@@ -554,32 +561,35 @@ class Driver:
 
     def _roll_back(self, dep: Mapping[str, Any], members: list[dict[str, Any]], policy: Policy) -> None:
         now = self.clock()
-        for m in members:
-            # Every device this deployment published to gets its previous image as desired state:
-            # an updating one stops its download, and one that failed or never answered finds the
-            # old image (not the rolled-back one) retained for it when it comes back.
-            if m["state"] not in ("active", "updating", "failed"):
-                continue
+        # Every device this deployment published to gets its previous image as desired state: an
+        # updating one stops its download, and one that failed or never answered finds the old image
+        # (not the rolled-back one) retained for it when it comes back.
+        todo = [m for m in members if m["state"] in ("active", "updating", "failed")]
+        reverts = []
+        for m in todo:
             prev = m["previous"] or {}
             old = self.reg.image_by_sha(prev.get("sha256", "")) if prev else None
             if old is None:
-                err = {
-                    "code": "no_previous_image",
-                    "message": "the device ran no image before, or one this registry does not know",
-                }
+                err = {"code": "no_previous_image", "message": "no previous image that this registry knows"}
                 self.reg.update_member(dep["id"], m["device_id"], state="revert_failed", error=err)
                 self.reg.event(dep["id"], "device_revert_failed", {"device": m["device_id"], "error": err})
-                continue
-            gen = self.reg.next_generation(m["device_id"])
-            envelope = self.manifest(
-                m["device_id"], old, dep["id"] + "-rb", dep["id"], gen, dep["sections"], policy.manifest_ttl_s
-            )
-            self.fleet.publish_manifest(m["device_id"], envelope)
-            self.reg.update_member(
-                dep["id"], m["device_id"], state="reverting", revert_generation=gen, finished_at=now
-            )
-            self.reg.event(dep["id"], "device_reverting", {"device": m["device_id"], "to": old.ref})
-            m["state"] = "reverting"
+                m["state"] = "revert_failed"
+            else:
+                reverts.append((m, old))
+        gens = self.reg.next_generations([m["device_id"] for m, _old in reverts])
+        envelopes = [
+            (m["device_id"], self.manifest(m["device_id"], old, dep["id"] + "-rb", dep["id"],
+                                           gens[m["device_id"]], dep["sections"], policy.manifest_ttl_s))
+            for m, old in reverts
+        ]  # fmt: skip
+        if envelopes:
+            self.fleet.publish_manifests(envelopes)
+        with self.reg.tx():
+            for m, old in reverts:
+                self.reg.update_member(dep["id"], m["device_id"], state="reverting",
+                                       revert_generation=gens[m["device_id"]], finished_at=now)  # fmt: skip
+                self.reg.event(dep["id"], "device_reverting", {"device": m["device_id"], "to": old.ref})
+                m["state"] = "reverting"
         if not any(m["state"] == "reverting" for m in members):
             self._transition(dep, "reverted", {"reason": dep.get("reason")})
 

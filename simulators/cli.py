@@ -231,10 +231,69 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--devices", type=int, default=3)
     d.add_argument("--workdir", type=Path, default=Path("demo-run"))
     d.add_argument("--keep", action="store_true", help="keep the work directory (state, logs) afterwards")
+    f = sub.add_parser(
+        "fleet", help="run N simulated devices (the agent's own code, light inference) until SIGTERM"
+    )
+    f.add_argument("--devices", type=int, required=True)
+    f.add_argument("--broker", required=True, metavar="HOST:PORT")
+    f.add_argument(
+        "--broker-dir",
+        type=Path,
+        required=True,
+        help="the broker's work directory (its CA issues the devices' certificates)",
+    )
+    f.add_argument("--prefix", default="edge")
+    f.add_argument(
+        "--trust",
+        type=Path,
+        action="append",
+        required=True,
+        help="a manifest signing public key (repeatable)",
+    )
+    f.add_argument("--workdir", type=Path, required=True)
+    f.add_argument("--id-prefix", default="sim")
+    f.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     if args.cmd == "demo":
         return demo(args.workdir.absolute(), args.devices, args.keep)
+    if args.cmd == "fleet":
+        return _fleet(args)
     return 2
+
+
+def _fleet(args: argparse.Namespace) -> int:
+    """The fleet as a process of its own: prints one JSON line when every device is connected and one
+    with its report when SIGTERM stops it."""
+    import signal
+
+    from simulators.broker import Mosquitto
+    from simulators.fleet import DeviceSpec, Fleet
+
+    host, _, port = args.broker.rpartition(":")
+    broker = Mosquitto(args.broker_dir, host=host, port=int(port), prefix=args.prefix)
+    trusted = {}
+    for path in args.trust:
+        k = mf.load_public_key(path.read_bytes())
+        trusted[mf.key_id(k)] = k
+    tags = dict(t.split("=", 1) for t in args.tag)
+    specs = [DeviceSpec(f"{args.id_prefix}-{i:04d}", tags) for i in range(args.devices)]
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    t0 = time.monotonic()
+    fleet = Fleet(args.workdir, broker, trusted, specs).start()
+    try:
+        while not stop.is_set() and not all(d.channel.connected for d in fleet.devices.values()):
+            stop.wait(0.2)
+        print(
+            json.dumps({"ready": len(fleet.devices), "seconds": round(time.monotonic() - t0, 2)}), flush=True
+        )
+        stop.wait()
+        report = fleet.report()
+    finally:
+        fleet.stop()
+    print(json.dumps(report), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,165 @@
+"""Many simulated devices in one process, each made of the agent's own parts.
+
+A :class:`SimDevice` is what ``edge-agent run`` wires (agent/daemon.py) less the local scoring API:
+its own identity and client certificate, state directory, StateDB, BundleStore, Fetcher and
+Deployer (the real state machine, downloads, verification, atomic installs and status documents),
+on a :class:`~simulators.mqtt_loop.SimChannel` that shares one selector loop with the whole fleet.
+
+Inference is **light**: a thousand onnxruntime sessions do not fit on a small machine, so
+:class:`LightActivator` stands in for agent/serving.py. It checks that the installed image is whole
+(bundle.json parses, every model file it lists is there with its size) as the real loader would,
+and reports ``"mode": "light"`` in the status. Everything before activation, and the switch itself,
+is the agent's code.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent import inventory
+from agent import manifest as mf
+from agent.config import DownloadConfig, MqttConfig
+from agent.deployer import Deployer
+from agent.errors import ErrorCode, InstallError
+from agent.fetch import Fetcher
+from agent.state import StateDB
+from agent.store import BundleStore
+from simulators.broker import Mosquitto
+from simulators.mqtt_loop import SelectorLoop, SimChannel
+
+
+class LightActivator:
+    """The activation seam without onnxruntime (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, Any] | None = None
+
+    def prepare(self, image_dir: Path, manifest: mf.Manifest | None) -> dict[str, Any]:
+        try:
+            meta = json.loads((image_dir / "bundle.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise InstallError(ErrorCode.MODEL_LOAD_FAILED, f"bundle.json unreadable: {exc}") from None
+        for rel, info in (meta.get("files") or {}).items():
+            path = image_dir / rel
+            if not path.is_file() or (isinstance(info, dict) and path.stat().st_size != info.get("size")):
+                raise InstallError(ErrorCode.MODEL_LOAD_FAILED, f"{rel} is missing or has the wrong size")
+        return {"name": meta.get("name"), "version": str(meta.get("version")), "sha256": image_dir.name}
+
+    def commit(self, prepared: dict[str, Any]) -> None:
+        self.current = prepared
+
+    def discard(self, prepared: Any) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {"api": None, "mode": "light", "image": self.current}
+
+
+@dataclass
+class DeviceSpec:
+    device_id: str
+    tags: dict[str, str]
+
+
+class SimDevice:
+    def __init__(
+        self,
+        spec: DeviceSpec,
+        workdir: Path,
+        broker: Mosquitto,
+        loop: SelectorLoop,
+        trusted: dict[str, Any],
+        download: DownloadConfig,
+    ) -> None:
+        self.spec = spec
+        self.device_id = spec.device_id
+        self.dir = workdir / spec.device_id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        cert = broker.client_cert(spec.device_id)
+        mqtt_cfg = MqttConfig(
+            host=broker.host, port=broker.port, ca=cert.ca_path, cert=cert.cert_path, key=cert.key_path,
+            prefix=broker.prefix, reconnect_min=0.2, reconnect_max=3.0,
+        )  # fmt: skip
+        self.db = StateDB(self.dir / "agent.db")
+        self.store = BundleStore(self.dir / "store", keep_images=2)
+        self.fetcher = Fetcher(download)
+        self.activator = LightActivator()
+        self.channel = SimChannel(spec.device_id, mqtt_cfg, loop)
+        self.deployer = Deployer(
+            spec.device_id, self.db, self.store, self.fetcher, trusted, self.channel.report_status,
+            download.disk_margin, activator=self.activator,
+        )  # fmt: skip
+        self._thread: threading.Thread | None = None
+
+    def _on_connect(self) -> None:
+        inv = inventory.collect(self.device_id, self.dir)
+        inv["simulated"] = {"mode": "light", "tags": self.spec.tags}
+        self.channel.report_inventory(inv)
+        self.deployer.publish()
+
+    def start(self) -> None:
+        active = self.store.active()
+        if active:
+            self.activator.current = self.activator.prepare(self.store.image_dir(active), None)
+        self._thread = threading.Thread(
+            target=self.deployer.run, name=f"deployer-{self.device_id}", daemon=True
+        )
+        self._thread.start()
+        self.channel.start(self.deployer.submit, self._on_connect)
+
+    def stop(self) -> None:
+        self.deployer.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.channel.stop()
+        self.fetcher.close()
+        self.db.close()
+
+    def on_disk(self) -> str | None:
+        """What the device really runs: its ``current`` symlink."""
+        return self.store.active()
+
+
+class Fleet:
+    """N simulated devices on one selector loop, against one broker."""
+
+    def __init__(self, workdir: Path, broker: Mosquitto, trusted: dict[str, Any], specs: list[DeviceSpec],
+                 download: DownloadConfig | None = None) -> None:  # fmt: skip
+        self.loop = SelectorLoop()
+        self.devices = {
+            s.device_id: SimDevice(s, workdir, broker, self.loop, trusted, download or DownloadConfig())
+            for s in specs
+        }
+
+    def start(self) -> Fleet:
+        self.loop.start()
+        for d in self.devices.values():
+            d.start()
+        return self
+
+    def stop(self) -> None:
+        for d in self.devices.values():
+            d.stop()
+        self.loop.stop()
+
+    def report(self) -> dict[str, Any]:
+        """What each device runs (by its disk), and whether its status says the same."""
+        running: dict[str, int] = {}
+        for d in self.devices.values():
+            running[d.on_disk() or "none"] = running.get(d.on_disk() or "none", 0) + 1
+        return {
+            "devices": len(self.devices),
+            "running": running,
+            "connections_lost": self.loop.connections_lost,
+            "connect_failures": self.loop.connect_failures,
+        }
+
+    def __enter__(self) -> Fleet:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
