@@ -211,6 +211,7 @@ class ControlPlane:
     def devices(self, tags: Mapping[str, str] | None = None, refresh: bool = True) -> list[dict[str, Any]]:
         if refresh:
             _ = self.fleet
+            self.ingest()  # reports that arrived since the connection was made
         return self.registry.devices(tags)
 
     # -- deployments -------------------------------------------------------------------------------
@@ -245,7 +246,7 @@ class ControlPlane:
         policy: Policy,
         sections: Mapping[str, Any] | None = None,
     ) -> str:
-        _ = self.fleet  # devices learned before the target is resolved
+        self.devices()  # devices learned before the target is resolved
         ids = self.resolve_target(device_ids, tags)
         target: dict[str, Any] = {"devices": list(device_ids)} if device_ids else {"tags": dict(tags)}
         dep_id = f"dep-{uuid.uuid4().hex[:10]}"

@@ -253,12 +253,34 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--workdir", type=Path, required=True)
     f.add_argument("--id-prefix", default="sim")
     f.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
+    sc = sub.add_parser("scenario", help="run a scripted scenario (fleet, rollouts, faults) and report")
+    sc.add_argument("file", type=Path, help="the scenario (JSON; see simulators/scenario.py)")
+    sc.add_argument("--workdir", type=Path, default=Path("scenario-run"))
+    sc.add_argument("--json", action="store_true", help="the report as JSON")
     args = p.parse_args(argv)
+    if args.cmd == "scenario":
+        return _scenario(args)
     if args.cmd == "demo":
         return demo(args.workdir.absolute(), args.devices, args.keep)
     if args.cmd == "fleet":
         return _fleet(args)
     return 2
+
+
+def _scenario(args: argparse.Namespace) -> int:
+    from simulators import scenario
+
+    try:
+        spec = scenario.load(args.file)
+    except scenario.ScenarioError as exc:
+        print(f"edge-sim: {exc}", file=sys.stderr)
+        return 2
+    workdir = args.workdir.absolute()
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    report = scenario.Scenario(spec, workdir).run()
+    print(json.dumps(report, indent=2) if args.json else scenario.render(report))
+    return 0 if report["invariants"]["held"] else 1
 
 
 def _fleet(args: argparse.Namespace) -> int:

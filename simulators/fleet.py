@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -88,10 +89,12 @@ class SimDevice:
         self.store = BundleStore(self.dir / "store", keep_images=2)
         self.fetcher = Fetcher(download)
         self.activator = LightActivator()
+        #: how far this device's clock is off (a scenario's clock_skew fault)
+        self.skew = timedelta(0)
         self.channel = SimChannel(spec.device_id, mqtt_cfg, loop)
         self.deployer = Deployer(
             spec.device_id, self.db, self.store, self.fetcher, trusted, self.channel.report_status,
-            download.disk_margin, activator=self.activator,
+            download.disk_margin, activator=self.activator, clock=lambda: datetime.now(UTC) + self.skew,
         )  # fmt: skip
         self._thread: threading.Thread | None = None
 

@@ -1,0 +1,40 @@
+"""The scenario runner: 20 simulated devices and one real agent process, three rollouts, and faults
+on a timeline (a broker restart and a SIGKILL of the agent during a rollout, two devices cut off
+for 2 s, a bundle the server corrupts). The report's invariants are the test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCENARIO = Path(__file__).resolve().parent.parent / "simulators" / "scenarios" / "restart-and-corrupt.json"
+
+
+def test_the_restart_and_corrupt_scenario_holds_every_invariant(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "simulators.cli", "scenario", str(SCENARIO),
+         "--workdir", str(tmp_path / "run"), "--json"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    assert report["invariants"] == {"held": True, "problems": []}
+    assert report["devices"] == 21 and report["running"] == {"v2": 21}
+    states = [(d["image"], d["state"]) for d in report["deployments"]]
+    assert states == [("v1", "succeeded"), ("v2", "succeeded"), ("v3", "rolled_back")]
+    assert [w["devices"] for w in report["deployments"][0]["waves"]] == [2, 6, 13]
+    assert [w["devices"] for w in report["deployments"][2]["waves"]] == [2]  # stopped at the canary
+    assert [f["action"] for f in report["faults"]] == [
+        "broker_restart", "kill_agent", "device_offline", "corrupt_bundle"
+    ]  # fmt: skip
+    assert report["mqtt"]["connections_lost"] >= 20  # every simulated device lost the broker once
+
+
+def test_a_scenario_with_an_unknown_action_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"timeline": [{"action": "unplug_everything"}]}))
+    r = subprocess.run([sys.executable, "-m", "simulators.cli", "scenario", str(bad)], capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2 and "unknown action 'unplug_everything'" in r.stderr
