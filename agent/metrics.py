@@ -34,7 +34,7 @@ BUCKETS = (
 )
 
 
-class _Window:
+class InferenceWindow:
     """Counts and a bounded reservoir of latencies (uniform sample beyond RESERVOIR requests)."""
 
     RESERVOIR = 4096
@@ -92,7 +92,7 @@ class Metrics:
             "edge_scoring_refused", "Requests refused before scoring", ["reason"], registry=r
         )
         self.swaps = Gauge("edge_runtime_swaps", "Images made current since the agent started", registry=r)
-        self._window: dict[tuple[str, str], _Window] = {}
+        self._window: dict[tuple[str, str], InferenceWindow] = {}
         #: the buffer's and the uploader's state ({"buffer": Buffer.stats(), "sync": SyncState}), read
         #: at scrape time only
         self.telemetry_source: Callable[[], dict[str, Any]] | None = None
@@ -128,7 +128,7 @@ class Metrics:
         key = (model, img.version)
         w = self._window.get(key)
         if w is None:
-            w = self._window[key] = _Window()
+            w = self._window[key] = InferenceWindow()
         w.add(status, seconds)
 
     def take_window(self) -> dict[str, dict[str, Any]]:

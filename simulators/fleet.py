@@ -15,7 +15,10 @@ is the agent's code.
 from __future__ import annotations
 
 import json
+import math
+import random
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +30,7 @@ from agent.config import DownloadConfig, MqttConfig
 from agent.deployer import Deployer
 from agent.errors import ErrorCode, InstallError
 from agent.fetch import Fetcher
+from agent.metrics import InferenceWindow
 from agent.state import StateDB
 from agent.store import BundleStore
 from simulators.broker import Mosquitto
@@ -48,7 +52,11 @@ class LightActivator:
             path = image_dir / rel
             if not path.is_file() or (isinstance(info, dict) and path.stat().st_size != info.get("size")):
                 raise InstallError(ErrorCode.MODEL_LOAD_FAILED, f"{rel} is missing or has the wrong size")
-        return {"name": meta.get("name"), "version": str(meta.get("version")), "sha256": image_dir.name}
+        tags = meta.get("tags") or {}
+        return {"name": meta.get("name"), "version": str(meta.get("version")), "sha256": image_dir.name,
+                # how this image serves in light mode (a scenario's slow or failing image)
+                "latency_ms": float(tags.get("sim.latency_ms", 2.0)),
+                "error_rate": float(tags.get("sim.error_rate", 0.0))}  # fmt: skip
 
     def commit(self, prepared: dict[str, Any]) -> None:
         self.current = prepared
@@ -58,6 +66,91 @@ class LightActivator:
 
     def describe(self) -> dict[str, Any]:
         return {"api": None, "mode": "light", "image": self.current}
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Scoring traffic per device: a Poisson process at ``rate`` requests/s, ``burst_factor`` times
+    that for ``burst_s`` every ``burst_every`` seconds, inputs whose mean drifts by a random walk of
+    ``drift`` per second; heartbeats every ``interval`` seconds."""
+
+    rate: float = 5.0
+    burst_every: float = 30.0
+    burst_s: float = 3.0
+    burst_factor: float = 5.0
+    drift: float = 0.01
+    interval: float = 1.0
+
+
+class SensorHub:
+    """One thread that plays every device's traffic against its light runtime and sends each
+    device's heartbeat (the inference window per model version, as agent/telemetry.py does): the
+    health gates' evidence in a simulation."""
+
+    TICK_S = 0.1
+
+    def __init__(self, devices: list[SimDevice], traffic: Traffic, seed: int = 0) -> None:
+        self.devices = devices
+        self.traffic = traffic
+        self.rng = random.Random(seed)
+        self.requests = 0
+        self._windows: dict[str, dict[str, InferenceWindow]] = {d.device_id: {} for d in devices}
+        self._drift = {d.device_id: 0.0 for d in devices}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sensors", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        t0 = last_beat = time.monotonic()
+        while not self._stop.wait(self.TICK_S):
+            now = time.monotonic()
+            t = self.traffic
+            bursting = t.burst_every > 0 and (now - t0) % t.burst_every < t.burst_s
+            lam = t.rate * (t.burst_factor if bursting else 1.0) * self.TICK_S
+            for d in self.devices:
+                img = d.activator.current
+                if img is None or not d.channel.connected:
+                    continue
+                self._drift[d.device_id] += self.rng.gauss(0.0, t.drift * self.TICK_S**0.5)
+                n = _poisson(self.rng, lam)
+                if not n:
+                    continue
+                w = self._windows[d.device_id].setdefault(f"m@{img['version']}", InferenceWindow())
+                for _ in range(n):
+                    # latency grows with how far the inputs drifted from what the model saw
+                    base = img["latency_ms"] * (1.0 + abs(self._drift[d.device_id]))
+                    failed = self.rng.random() < img["error_rate"]
+                    w.add(500 if failed else 200, self.rng.lognormvariate(0.0, 0.25) * base / 1000.0)
+                self.requests += n
+            if now - last_beat >= t.interval:
+                last_beat = now
+                for d in self.devices:
+                    self._beat(d, now)
+
+    def _beat(self, d: SimDevice, ts: float) -> None:
+        windows, self._windows[d.device_id] = self._windows[d.device_id], {}
+        models = {
+            key: {"model": "m", "version": key.split("@", 1)[1], **w.summary()} for key, w in windows.items()
+        }
+        beat = {"device_id": d.device_id, "ts": time.time(), "interval_s": self.traffic.interval,
+                "models": models, "drift": round(self._drift[d.device_id], 4)}  # fmt: skip
+        d.channel.report_heartbeat(beat)
+
+
+def _poisson(rng: random.Random, lam: float) -> int:
+    # Knuth's method: lam is small (requests per tick)
+    limit, k, p = math.exp(-lam), 0, 1.0
+    while True:
+        p *= rng.random()
+        if p <= limit:
+            return k
+        k += 1
 
 
 @dataclass
@@ -131,20 +224,25 @@ class Fleet:
     """N simulated devices on one selector loop, against one broker."""
 
     def __init__(self, workdir: Path, broker: Mosquitto, trusted: dict[str, Any], specs: list[DeviceSpec],
-                 download: DownloadConfig | None = None) -> None:  # fmt: skip
+                 download: DownloadConfig | None = None, traffic: Traffic | None = None) -> None:  # fmt: skip
         self.loop = SelectorLoop()
         self.devices = {
             s.device_id: SimDevice(s, workdir, broker, self.loop, trusted, download or DownloadConfig())
             for s in specs
         }
+        self.sensors = SensorHub(list(self.devices.values()), traffic) if traffic else None
 
     def start(self) -> Fleet:
         self.loop.start()
         for d in self.devices.values():
             d.start()
+        if self.sensors is not None:
+            self.sensors.start()
         return self
 
     def stop(self) -> None:
+        if self.sensors is not None:
+            self.sensors.stop()
         for d in self.devices.values():
             d.stop()
         self.loop.stop()
@@ -159,6 +257,7 @@ class Fleet:
             "running": running,
             "connections_lost": self.loop.connections_lost,
             "connect_failures": self.loop.connect_failures,
+            "scoring_requests": self.sensors.requests if self.sensors else 0,
         }
 
     def __enter__(self) -> Fleet:

@@ -5,7 +5,9 @@ A scenario is a JSON file::
     {"devices": 20,                       # simulated devices (simulators/fleet.py)
      "agents": 1,                         # real edge-agent processes beside them (for kill -9)
      "tags": {"fleet": "sim"},
-     "images": ["v1", "v2", "v3"],        # images built from small generated models
+     "images": ["v1", "v2", {"name": "v3", "latency_ms": 60}],   # from small generated models;
+                                          # latency_ms / error_rate: how it serves in light mode
+     "traffic": {"rate": 20, "interval": 0.5},   # scoring traffic and heartbeats (simulators/fleet.py)
      "timeline": [
        {"action": "deploy", "image": "v1", "canary": 2, "growth": 3},
        {"action": "deploy", "image": "v2", "background": true},
@@ -43,7 +45,7 @@ from deploy.plane import ControlPlane
 from deploy.registry import Image
 from deploy.rollout import TERMINAL, Gate, Policy
 from simulators.bundle_server import Fault
-from simulators.fleet import DeviceSpec, Fleet
+from simulators.fleet import DeviceSpec, Fleet, Traffic
 from simulators.models import mlp
 from simulators.rig import Rig, to_toml
 
@@ -87,15 +89,17 @@ class Scenario:
             trusted = {mf.key_id(rig.key.public_key()): rig.key.public_key()}
             tags = dict(spec.get("tags") or {"fleet": "sim"})
             specs = [DeviceSpec(f"sim-{i:03d}", tags) for i in range(int(spec.get("devices", 20)))]
-            fleet = Fleet(self.workdir / "sim", rig.broker, trusted, specs).start()
+            traffic = Traffic(**spec["traffic"]) if spec.get("traffic") else None
+            fleet = Fleet(self.workdir / "sim", rig.broker, trusted, specs, traffic=traffic).start()
             agents = [rig.add_device(f"agent-{i:02d}").start() for i in range(int(spec.get("agents", 0)))]
             try:
                 ids = [s.device_id for s in specs] + [a.device_id for a in agents]
                 self._wait_reported(cp, ids)
                 for d in ids:
                     cp.registry.tag_device(d, tags)
-                for name in spec.get("images", ["v1"]):
-                    self.images[name] = self._image(cp, name)
+                for entry in spec.get("images", ["v1"]):
+                    image = entry if isinstance(entry, dict) else {"name": entry}
+                    self.images[image["name"]] = self._image(cp, image)
                 self._t0, self._wall0 = time.monotonic(), time.time()
                 for step in spec.get("timeline", []):
                     if "at" in step:
@@ -138,11 +142,18 @@ class Scenario:
         missing = sorted(set(ids) - known)
         raise ScenarioError(f"{len(missing)} device(s) never reported: {', '.join(missing[:10])}")
 
-    def _image(self, cp: ControlPlane, name: str) -> Image:
+    def _image(self, cp: ControlPlane, image: dict[str, Any]) -> Image:
+        """An image from a small generated model; ``latency_ms`` and ``error_rate`` say how it serves
+        in light mode (a slow or failing model that installs fine)."""
+        name = image["name"]
         src = self.workdir / "models" / f"{name}.onnx"
         mlp(src, sizes=(8, 16, 4), seed=sum(map(ord, name)))
         model = cp.register_model("sim-model", src, {"scenario": name}, {})
-        return cp.build_image("sim-image", [("m", "sim-model", model.version)], tags={"scenario": name})
+        tags = {
+            "scenario": name,
+            **{f"sim.{k}": str(image[k]) for k in ("latency_ms", "error_rate") if k in image},
+        }
+        return cp.build_image("sim-image", [("m", "sim-model", model.version)], tags=tags)
 
     # -- steps --------------------------------------------------------------------------------------
 
@@ -190,7 +201,12 @@ class Scenario:
                 fleet.devices[d].skew = timedelta(seconds=float(step["seconds"]))
 
     def _deploy(self, cp: ControlPlane, step: dict[str, Any], tags: dict[str, str]) -> None:
-        gate = Gate(soak_s=float(step.get("soak", 0)), max_error_rate=step.get("max_error_rate", 0.5))
+        gate = Gate(
+            soak_s=float(step.get("soak", 0)),
+            max_error_rate=step.get("max_error_rate", 0.5),
+            max_p99_ratio=step.get("max_p99_ratio"),
+            min_requests=int(step.get("min_requests", 20)),
+        )
         policy = Policy(canary=int(step.get("canary", 2)), growth=float(step.get("growth", 3)),
                         wave_timeout_s=float(step.get("wave_timeout", 30)), gate=gate)  # fmt: skip
         record: dict[str, Any] = {"image": step["image"], "expect": step.get("expect", "succeeded"),
@@ -201,7 +217,7 @@ class Scenario:
             dep_id = cp.create_deployment(self.images[step["image"]], [], tags, policy)
             record["id"] = dep_id
             dep = cp.driver().run(dep_id, poll_s=0.1, timeout_s=float(step.get("timeout", 300)))
-            record.update(state=dep["state"], finished_s=self._now())
+            record.update(state=dep["state"], reason=dep["reason"], finished_s=self._now())
 
         if step.get("background"):
             self._spawn(drive)
@@ -260,6 +276,7 @@ class Scenario:
             "faults": self.faults,
             "mqtt": {"connections_lost": fleet.loop.connections_lost,
                      "connect_failures": fleet.loop.connect_failures},
+            "scoring_requests": fleet.sensors.requests if fleet.sensors else 0,
             "invariants": {"held": not problems, "problems": problems},
         }  # fmt: skip
 
@@ -274,6 +291,8 @@ def render(report: dict[str, Any]) -> str:
         took = (d.get("finished_s") or 0) - d["started_s"]
         state = f"{d.get('state')!s:<12} (expected {d['expect']})"
         lines.append(f"rollout  {d['image']:<6} {state} waves {waves or '-'} in {took:.1f}s")
+        if d.get("reason"):
+            lines.append(f"         {d['reason']}")
     for f in report["faults"]:
         lines.append(
             f"fault    t={f['at_s']:>6.2f}s {f['action']} "

@@ -8,18 +8,24 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-SCENARIO = Path(__file__).resolve().parent.parent / "simulators" / "scenarios" / "restart-and-corrupt.json"
+SCENARIOS = Path(__file__).resolve().parent.parent / "simulators" / "scenarios"
 
 
-def test_the_restart_and_corrupt_scenario_holds_every_invariant(tmp_path: Path) -> None:
+def run(name: str, workdir: Path) -> dict[str, Any]:
     r = subprocess.run(
-        [sys.executable, "-m", "simulators.cli", "scenario", str(SCENARIO),
-         "--workdir", str(tmp_path / "run"), "--json"],
+        [sys.executable, "-m", "simulators.cli", "scenario", str(SCENARIOS / name), "--workdir", str(workdir),
+         "--json"],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    report = json.loads(r.stdout)
+    report: dict[str, Any] = json.loads(r.stdout)
+    return report
+
+
+def test_the_restart_and_corrupt_scenario_holds_every_invariant(tmp_path: Path) -> None:
+    report = run("restart-and-corrupt.json", tmp_path / "run")
     assert report["invariants"] == {"held": True, "problems": []}
     assert report["devices"] == 21 and report["running"] == {"v2": 21}
     states = [(d["image"], d["state"]) for d in report["deployments"]]
@@ -38,3 +44,16 @@ def test_a_scenario_with_an_unknown_action_is_refused(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "simulators.cli", "scenario", str(bad)], capture_output=True,
                        text=True, timeout=60)  # fmt: skip
     assert r.returncode == 2 and "unknown action 'unplug_everything'" in r.stderr
+
+
+def test_a_slow_model_is_stopped_by_the_latency_gate_in_simulation(tmp_path: Path) -> None:
+    # simulated traffic gives the gates their evidence: v2 serves like v1 and passes; v3 installs
+    # and passes its checks, but serves 30x slower, and is rolled back at its canary wave
+    report = run("slow-model.json", tmp_path / "run")
+    assert report["invariants"]["held"], report["invariants"]
+    assert [(d["image"], d["state"]) for d in report["deployments"]] == [
+        ("v1", "succeeded"), ("v2", "succeeded"), ("v3-slow", "rolled_back")
+    ]  # fmt: skip
+    slow = report["deployments"][2]
+    assert "health gate failed: p99" in slow["reason"] and [w["devices"] for w in slow["waves"]] == [2]
+    assert report["running"] == {"v2": 20} and report["scoring_requests"] > 500
