@@ -157,6 +157,8 @@ def _poisson(rng: random.Random, lam: float) -> int:
 class DeviceSpec:
     device_id: str
     tags: dict[str, str]
+    #: where this device reaches the broker, if not directly (a proxy that injects network faults)
+    address: tuple[str, int] | None = None
 
 
 class SimDevice:
@@ -174,8 +176,9 @@ class SimDevice:
         self.dir = workdir / spec.device_id
         self.dir.mkdir(parents=True, exist_ok=True)
         cert = broker.client_cert(spec.device_id)
+        host, port = spec.address or (broker.host, broker.port)
         mqtt_cfg = MqttConfig(
-            host=broker.host, port=broker.port, ca=cert.ca_path, cert=cert.cert_path, key=cert.key_path,
+            host=host, port=port, ca=cert.ca_path, cert=cert.cert_path, key=cert.key_path,
             prefix=broker.prefix, reconnect_min=0.2, reconnect_max=3.0,
         )  # fmt: skip
         self.db = StateDB(self.dir / "agent.db")
@@ -258,7 +261,14 @@ class Fleet:
             "connections_lost": self.loop.connections_lost,
             "connect_failures": self.loop.connect_failures,
             "scoring_requests": self.sensors.requests if self.sensors else 0,
+            "mqtt": self.traffic(),
         }
+
+    def traffic(self) -> dict[str, int]:
+        chans = [d.channel for d in self.devices.values()]
+        return {"messages_sent": sum(c.sent[0] for c in chans), "bytes_sent": sum(c.sent[1] for c in chans),
+                "messages_received": sum(c.received[0] for c in chans),
+                "bytes_received": sum(c.received[1] for c in chans)}  # fmt: skip
 
     def __enter__(self) -> Fleet:
         return self.start()

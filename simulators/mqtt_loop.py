@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import json
 import selectors
 import socket
 import ssl
@@ -217,6 +218,9 @@ class SimChannel(MqttChannel):
         self.online_socket: Any = None
         self.running = False
         self._attempt = 0
+        #: what this device sent and received (payloads): the scenario report's traffic
+        self.sent = [0, 0]
+        self.received = [0, 0]
         c = self._client
         c._thread = None  # type: ignore[attr-defined]  # no thread: paho queues and calls back
         c.on_socket_register_write = lambda _c, _u, _s: loop.want_write(self)
@@ -227,6 +231,23 @@ class SimChannel(MqttChannel):
         self._on_connected = on_connect
         self.running = True
         self.loop.attach(self)
+
+    def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        self.sent[0] += 1
+        self.sent[1] += len(payload)
+        super()._publish(topic, payload, retain)
+
+    def report_heartbeat(self, doc: dict[str, Any]) -> None:
+        if self._connected.is_set():
+            payload = json.dumps(doc, separators=(",", ":")).encode()
+            self.sent[0] += 1
+            self.sent[1] += len(payload)
+            self._client.publish(self.topics.heartbeat, payload, qos=0, retain=False)
+
+    def _on_message(self, c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
+        self.received[0] += 1
+        self.received[1] += len(msg.payload)
+        super()._on_message(c, u, msg)
 
     def next_delay(self) -> float:
         delay = self._delay(self._attempt)

@@ -47,10 +47,13 @@ from deploy.rollout import TERMINAL, Gate, Policy
 from simulators.bundle_server import Fault
 from simulators.fleet import DeviceSpec, Fleet, Traffic
 from simulators.models import mlp
+from simulators.netproxy import TcpProxy
 from simulators.rig import Rig, to_toml
 
-ACTIONS = ("deploy", "wait", "broker_restart", "device_offline", "corrupt_bundle", "truncate_bundle",
-           "slow_bundle", "kill_agent", "clock_skew")  # fmt: skip
+ACTIONS = (
+    "deploy", "wait", "broker_restart", "device_offline", "corrupt_bundle", "truncate_bundle",
+    "slow_bundle", "kill_agent", "clock_skew", "network_delay", "network_loss", "disk_full",
+)  # fmt: skip
 
 
 class ScenarioError(ValueError):
@@ -78,6 +81,7 @@ class Scenario:
         self.images: dict[str, Image] = {}
         self._background: list[threading.Thread] = []
         self._t0 = self._wall0 = 0.0
+        self.proxy: TcpProxy | None = None
 
     def _now(self) -> float:
         return round(time.monotonic() - self._t0, 3)
@@ -88,7 +92,11 @@ class Scenario:
             cp = self._control_plane(rig)
             trusted = {mf.key_id(rig.key.public_key()): rig.key.public_key()}
             tags = dict(spec.get("tags") or {"fleet": "sim"})
-            specs = [DeviceSpec(f"sim-{i:03d}", tags) for i in range(int(spec.get("devices", 20)))]
+            proxied = set(spec.get("proxied") or [])
+            self.proxy = TcpProxy((rig.broker.host, rig.broker.port)).start() if proxied else None
+            via = (self.proxy.host, self.proxy.port) if self.proxy else None
+            specs = [DeviceSpec(f"sim-{i:03d}", tags, via if f"sim-{i:03d}" in proxied else None)
+                     for i in range(int(spec.get("devices", 20)))]  # fmt: skip
             traffic = Traffic(**spec["traffic"]) if spec.get("traffic") else None
             fleet = Fleet(self.workdir / "sim", rig.broker, trusted, specs, traffic=traffic).start()
             agents = [rig.add_device(f"agent-{i:02d}").start() for i in range(int(spec.get("agents", 0)))]
@@ -111,6 +119,8 @@ class Scenario:
                 self._join()
                 cp.close()
                 fleet.stop()
+                if self.proxy is not None:
+                    self.proxy.stop()
         return report
 
     # -- setup ----------------------------------------------------------------------------------------
@@ -196,6 +206,26 @@ class Scenario:
                 agent.start()
 
             self._spawn(restart)
+        elif action == "network_delay":
+            assert self.proxy is not None, "network faults need devices listed in 'proxied'"
+            self.proxy.delay_s = float(step.get("ms", 200)) / 1000
+
+        elif action == "network_loss":
+            assert self.proxy is not None, "network faults need devices listed in 'proxied'"
+            proxy = self.proxy
+            proxy.blackhole = True
+
+            def restore() -> None:
+                time.sleep(float(step.get("seconds", 5)))
+                # what was lost cannot be replayed into a TCP stream: the connections end, as they
+                # would by their keepalive timeouts, and the devices reconnect
+                proxy.cut()
+                proxy.blackhole = False
+
+            self._spawn(restore)
+        elif action == "disk_full":
+            for d in step["devices"]:
+                fleet.devices[d].deployer.disk_margin = 1 << 50  # no bundle fits any more
         elif action == "clock_skew":
             for d in step["devices"]:
                 fleet.devices[d].skew = timedelta(seconds=float(step["seconds"]))
@@ -275,7 +305,7 @@ class Scenario:
             "deployments": self.deployments,
             "faults": self.faults,
             "mqtt": {"connections_lost": fleet.loop.connections_lost,
-                     "connect_failures": fleet.loop.connect_failures},
+                     "connect_failures": fleet.loop.connect_failures, **fleet.traffic()},
             "scoring_requests": fleet.sensors.requests if fleet.sensors else 0,
             "invariants": {"held": not problems, "problems": problems},
         }  # fmt: skip

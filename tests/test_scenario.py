@@ -57,3 +57,18 @@ def test_a_slow_model_is_stopped_by_the_latency_gate_in_simulation(tmp_path: Pat
     slow = report["deployments"][2]
     assert "health gate failed: p99" in slow["reason"] and [w["devices"] for w in slow["waves"]] == [2]
     assert report["running"] == {"v2": 20} and report["scoring_requests"] > 500
+
+
+def test_network_delay_and_loss_slow_and_cut_downloads_and_a_full_disk(tmp_path: Path) -> None:
+    # three devices reach the broker through a relay that delays, then loses, everything; a slow
+    # download finishes; a transfer cut halfway is resumed (Range) and verified; a device whose
+    # disk is full refuses the bundle, and that rollout rolls back
+    report = run("network-and-disk.json", tmp_path / "run")
+    assert report["invariants"]["held"], report["invariants"]
+    assert [(d["image"], d["state"]) for d in report["deployments"]] == [
+        ("v1", "succeeded"), ("v2", "succeeded"), ("v3", "succeeded"), ("v4", "rolled_back")
+    ]  # fmt: skip
+    assert report["deployments"][3]["reason"] == "wave 2: 1 of 9 device(s) failed"
+    assert report["running"] == {"v3": 12}
+    assert report["mqtt"]["connections_lost"] >= 3  # the three behind the lossy link reconnected
+    assert report["mqtt"]["messages_sent"] > 12 * 4 * 5 and report["mqtt"]["bytes_received"] > 0
