@@ -1,14 +1,15 @@
 """Rollout of one image to N simulated devices through the real control plane and a real broker.
 
-    .venv/bin/python bench/fleet_rollout.py --devices 1000 [--processes 1] [--canary 10 --growth 3]
+    .venv/bin/python bench/fleet_rollout.py --devices 1000 [--canary 10 --growth 3 --soak 2 --rate 2]
 
-Starts mosquitto (mutual TLS, the project ACL), the control plane's artifact endpoint and N
-simulated devices (simulators/fleet.py: the agent's deployer, store, fetcher and MQTT channel, one
-selector loop per process). When every device has reported, it rolls an image out to all of them
-in waves behind a health gate, and prints the time from `create_deployment` to the last device
-`active`, the time per wave, peak memory (RSS) of the fleet and of the control plane, and CPU
-seconds. The baseline in the same run is the broker's own floor: publishing one retained QoS 1
-message to each device and receiving its acknowledgement (no download, no install).
+Starts mosquitto (mutual TLS, the project ACL), the control plane's artifact endpoint and, as a
+process of its own, `edge-sim fleet` with N simulated devices (simulators/fleet.py: the agent's
+deployer, store, fetcher and MQTT channel on one selector loop, light inference, scoring traffic
+with heartbeats). When every device has reported, it installs a first image everywhere, then rolls
+a second one out in waves behind a health gate (error rate, and p99 against the same devices on
+the first image), and prints the time from `create_deployment` to the last device `active`, the
+time per wave, memory (RSS) of the fleet, the control plane and the broker, and CPU seconds. The
+baseline in the same run is the broker's own floor: one QoS 1 publish per device, acknowledged.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def main() -> int:
     p.add_argument("--canary", type=int, default=10)
     p.add_argument("--growth", type=float, default=3.0)
     p.add_argument("--soak", type=float, default=2.0, help="health-gate soak per wave, seconds")
+    p.add_argument("--rate", type=float, default=2.0, help="scoring requests/s per device (heartbeats 1/s)")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -70,7 +72,7 @@ def main() -> int:
         [sys.executable, "-m", "simulators.cli", "fleet", "--devices", str(args.devices),
          "--broker", f"{broker.host}:{broker.port}", "--broker-dir", str(broker.workdir),
          "--prefix", broker.prefix, "--trust", str(pub), "--workdir", str(work / "devices"),
-         "--tag", "fleet=bench"],
+         "--tag", "fleet=bench", "--rate", str(args.rate)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     assert fleet.stdout is not None
@@ -89,7 +91,19 @@ def main() -> int:
         src = home / "m.onnx"
         mlp(src, sizes=(64, 256, 10))
         model = cp.register_model("m", src, {}, {})
-        image = cp.build_image("bench", [("m", "m", model.version)])
+        first = cp.build_image("bench", [("m", "m", model.version)])
+        image = cp.build_image("bench", [("m", "m", model.version)], tags={"v": "2"})
+        # the first image, without gates: the devices then serve, and their heartbeats are the
+        # baseline the measured rollout's gates compare with
+        t1 = time.monotonic()
+        dep0 = cp.driver().run(
+            cp.create_deployment(
+                first, [], {"fleet": "bench"}, Policy(canary=args.canary, growth=args.growth)
+            ),
+            poll_s=0.1,
+        )
+        out["first_install_s"] = round(time.monotonic() - t1, 2)
+        assert dep0["state"] == "succeeded", dep0
 
         # baseline: the broker's floor, one retained QoS 1 publish per device
         op = cp.fleet
@@ -103,8 +117,8 @@ def main() -> int:
 
         fproc = psutil.Process(fleet.pid)
         cpu0, fcpu0 = proc.cpu_times(), fproc.cpu_times()
-        policy = Policy(canary=args.canary, growth=args.growth, wave_timeout_s=120,
-                        gate=Gate(soak_s=args.soak, max_error_rate=0.05))  # fmt: skip
+        gate = Gate(soak_s=args.soak, max_error_rate=0.05, max_p99_ratio=3.0, min_requests=10)
+        policy = Policy(canary=args.canary, growth=args.growth, wave_timeout_s=120, gate=gate)
         tr = time.monotonic()
         dep_id = cp.create_deployment(image, [], {"fleet": "bench"}, policy)
         dep = cp.driver().run(dep_id, poll_s=0.1)
@@ -114,6 +128,9 @@ def main() -> int:
         starts = {e["detail"]["wave"]: e["ts"] for e in events if e["kind"] == "wave_started"}
         passed = {e["detail"]["wave"]: e["ts"] for e in events if e["kind"] == "wave_passed"}
         sizes = [len(e["detail"]["devices"]) for e in events if e["kind"] == "wave_started"]
+        gates = [e["detail"] for e in events if e["kind"] in ("gate_passed", "gate_failed")]
+        out["gate_requests_judged"] = [(g["baseline"]["requests"], g["current"]["requests"]) for g in gates]
+        out["gate_p99_ms"] = [(g["baseline"]["p99_ms"], g["current"]["p99_ms"]) for g in gates]
         out.update(
             state=dep["state"],
             rollout_s=round(took, 2),

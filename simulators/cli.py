@@ -253,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--workdir", type=Path, required=True)
     f.add_argument("--id-prefix", default="sim")
     f.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
+    f.add_argument("--rate", type=float, default=0.0, help="scoring requests/s per device (0: no traffic)")
+    f.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats, with --rate")
     sc = sub.add_parser("scenario", help="run a scripted scenario (fleet, rollouts, faults) and report")
     sc.add_argument("file", type=Path, help="the scenario (JSON; see simulators/scenario.py)")
     sc.add_argument("--workdir", type=Path, default=Path("scenario-run"))
@@ -289,7 +291,7 @@ def _fleet(args: argparse.Namespace) -> int:
     import signal
 
     from simulators.broker import Mosquitto
-    from simulators.fleet import DeviceSpec, Fleet
+    from simulators.fleet import DeviceSpec, Fleet, Traffic
 
     host, _, port = args.broker.rpartition(":")
     broker = Mosquitto(args.broker_dir, host=host, port=int(port), prefix=args.prefix)
@@ -303,7 +305,8 @@ def _fleet(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     t0 = time.monotonic()
-    fleet = Fleet(args.workdir, broker, trusted, specs).start()
+    traffic = Traffic(rate=args.rate, interval=args.heartbeat) if args.rate > 0 else None
+    fleet = Fleet(args.workdir, broker, trusted, specs, traffic=traffic).start()
     try:
         while not stop.is_set() and not all(d.channel.connected for d in fleet.devices.values()):
             stop.wait(0.2)

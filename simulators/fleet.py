@@ -26,6 +26,7 @@ from typing import Any
 
 from agent import inventory
 from agent import manifest as mf
+from agent.buffer import Buffer, RecordClass
 from agent.config import DownloadConfig, MqttConfig
 from agent.deployer import Deployer
 from agent.errors import ErrorCode, InstallError
@@ -53,7 +54,11 @@ class LightActivator:
             if not path.is_file() or (isinstance(info, dict) and path.stat().st_size != info.get("size")):
                 raise InstallError(ErrorCode.MODEL_LOAD_FAILED, f"{rel} is missing or has the wrong size")
         tags = meta.get("tags") or {}
+        lineage = (
+            {"deployment_id": manifest.deployment_id, "generation": manifest.generation} if manifest else {}
+        )
         return {"name": meta.get("name"), "version": str(meta.get("version")), "sha256": image_dir.name,
+                **lineage,
                 # how this image serves in light mode (a scenario's slow or failing image)
                 "latency_ms": float(tags.get("sim.latency_ms", 2.0)),
                 "error_rate": float(tags.get("sim.error_rate", 0.0))}  # fmt: skip
@@ -80,6 +85,11 @@ class Traffic:
     burst_factor: float = 5.0
     drift: float = 0.01
     interval: float = 1.0
+    #: the share of requests whose input and output are captured into the device's telemetry buffer
+    #: (agent/buffer.py), with their lineage; 0 runs without a buffer
+    capture: float = 0.0
+    #: the buffer's disk budget: past it the oldest captures are evicted, and counted
+    budget_bytes: int = 16 << 20
 
 
 class SensorHub:
@@ -127,11 +137,24 @@ class SensorHub:
                     base = img["latency_ms"] * (1.0 + abs(self._drift[d.device_id]))
                     failed = self.rng.random() < img["error_rate"]
                     w.add(500 if failed else 200, self.rng.lognormvariate(0.0, 0.25) * base / 1000.0)
+                    if d.buffer is not None and self.rng.random() < t.capture:
+                        self._capture(d, img, failed)
                 self.requests += n
             if now - last_beat >= t.interval:
                 last_beat = now
                 for d in self.devices:
                     self._beat(d, now)
+
+    def _capture(self, d: SimDevice, img: dict[str, Any], failed: bool) -> None:
+        assert d.buffer is not None
+        x = [round(self.rng.gauss(self._drift[d.device_id], 1.0), 4) for _ in range(8)]
+        record = {"device_id": d.device_id, "deployment_id": img.get("deployment_id"),
+                  "generation": img.get("generation"),
+                  "image": {k: img[k] for k in ("name", "version", "sha256")},
+                  "model": "m", "request_id": f"{d.device_id}-{d.capture_puts}", "ts": time.time(),
+                  "input": {"data": [x]}, "output": None if failed else {"y": [sum(x)]}}  # fmt: skip
+        d.capture_puts += 1
+        d.buffer.put(RecordClass.CAPTURE, record)
 
     def _beat(self, d: SimDevice, ts: float) -> None:
         windows, self._windows[d.device_id] = self._windows[d.device_id], {}
@@ -193,6 +216,10 @@ class SimDevice:
             download.disk_margin, activator=self.activator, clock=lambda: datetime.now(UTC) + self.skew,
         )  # fmt: skip
         self._thread: threading.Thread | None = None
+        #: the telemetry buffer, when the fleet captures traffic; every put is counted, so the report
+        #: can check that each one is either stored or counted as dropped
+        self.buffer: Buffer | None = None
+        self.capture_puts = 0
 
     def _on_connect(self) -> None:
         inv = inventory.collect(self.device_id, self.dir)
@@ -208,6 +235,8 @@ class SimDevice:
             target=self.deployer.run, name=f"deployer-{self.device_id}", daemon=True
         )
         self._thread.start()
+        if self.buffer is not None:
+            self.buffer.start()
         self.channel.start(self.deployer.submit, self._on_connect)
 
     def stop(self) -> None:
@@ -215,8 +244,20 @@ class SimDevice:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.channel.stop()
+        if self.buffer is not None:
+            self.buffer.close()
         self.fetcher.close()
         self.db.close()
+
+    def captures_unaccounted(self) -> int:
+        """Captures put but neither stored nor counted as dropped: lost, against the buffer's contract."""
+        if self.buffer is None:
+            return 0
+        self.buffer.flush(timeout=10)
+        stats = self.buffer.stats()
+        stored = stats["classes"]["capture"]["records"] + stats["classes"]["capture"]["acked"]["records"]
+        dropped = sum(v["records"] for v in stats["dropped"].get("capture", {}).values())
+        return int(self.capture_puts - stored - dropped)
 
     def on_disk(self) -> str | None:
         """What the device really runs: its ``current`` symlink."""
@@ -234,6 +275,11 @@ class Fleet:
             for s in specs
         }
         self.sensors = SensorHub(list(self.devices.values()), traffic) if traffic else None
+        if traffic and traffic.capture > 0:
+            for d in self.devices.values():
+                # small records and batches, so that a small budget still leaves room for records
+                d.buffer = Buffer(d.dir / "telemetry.db", budget_bytes=traffic.budget_bytes,
+                                  max_record_bytes=16 << 10, batch_max=100)  # fmt: skip
 
     def start(self) -> Fleet:
         self.loop.start()
@@ -261,7 +307,23 @@ class Fleet:
             "connections_lost": self.loop.connections_lost,
             "connect_failures": self.loop.connect_failures,
             "scoring_requests": self.sensors.requests if self.sensors else 0,
+            "captures": self.captures(),
             "mqtt": self.traffic(),
+        }
+
+    def captures(self) -> dict[str, int]:
+        devs = [d for d in self.devices.values() if d.buffer is not None]
+        if not devs:
+            return {"put": 0, "stored": 0, "evicted": 0, "unaccounted": 0}
+        unaccounted = sum(d.captures_unaccounted() for d in devs)  # flushes each buffer first
+        stats = [d.buffer.stats() for d in devs if d.buffer is not None]
+        return {
+            "put": sum(d.capture_puts for d in devs),
+            "stored": sum(s["classes"]["capture"]["records"] for s in stats),
+            "evicted": sum(v["records"] for s in stats for v in s["dropped"].get("capture", {}).values()),
+            "unaccounted": unaccounted,
+            "largest_buffer_bytes": max(s["size_bytes"] for s in stats),
+            "budget_bytes": stats[0]["budget_bytes"],
         }
 
     def traffic(self) -> dict[str, int]:

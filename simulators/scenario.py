@@ -17,11 +17,8 @@ A scenario is a JSON file::
        {"action": "deploy", "image": "v3", "expect": "rolled_back"}]}
 
 Steps run in order; ``at`` (seconds since the start) delays a step until then. ``deploy`` blocks
-until the rollout settles unless ``background``; ``wait`` joins the background ones. Faults:
-``broker_restart``, ``device_offline`` (``devices``, ``seconds``: their connections drop and stay
-down), ``corrupt_bundle`` / ``truncate_bundle`` / ``slow_bundle`` (``rate``, bytes/s) for an
-image on the artifact server, ``kill_agent`` (SIGKILL a real agent, restart after ``seconds``),
-``clock_skew`` (``devices``, ``seconds``: their clocks run off by that much).
+until the rollout settles unless ``background``; ``wait`` joins the background ones, then sleeps
+``seconds``. The faults are listed in docs/simulators.md.
 
 The report says what each device runs, each rollout's waves and timings, the faults injected with
 their times, the broker traffic, and whether the invariants held: every device's status names the
@@ -174,6 +171,7 @@ class Scenario:
             return
         if action == "wait":
             self._join()
+            time.sleep(float(step.get("seconds", 0)))
             return
         record = {"at_s": self._now(), **step}
         self.faults.append(record)
@@ -295,6 +293,13 @@ class Scenario:
                      "started_s": round(e["ts"] - self._wall0, 3)}
                     for e in events if e["kind"] == "wave_started"
                 ]  # fmt: skip
+        captures = fleet.captures()
+        if captures["unaccounted"]:
+            problems.append(
+                f"{captures['unaccounted']} captured record(s) neither stored nor counted as dropped"
+            )
+        if captures["put"] and captures["largest_buffer_bytes"] > captures["budget_bytes"]:
+            problems.append(f"a buffer holds {captures['largest_buffer_bytes']} bytes, over its budget")
         running: dict[str, int] = {}
         for sha in on_disk.values():
             name = by_sha.get(sha or "", "none")
@@ -307,6 +312,7 @@ class Scenario:
             "mqtt": {"connections_lost": fleet.loop.connections_lost,
                      "connect_failures": fleet.loop.connect_failures, **fleet.traffic()},
             "scoring_requests": fleet.sensors.requests if fleet.sensors else 0,
+            "captures": captures,
             "invariants": {"held": not problems, "problems": problems},
         }  # fmt: skip
 
@@ -328,7 +334,14 @@ def render(report: dict[str, Any]) -> str:
             f"fault    t={f['at_s']:>6.2f}s {f['action']} "
             + json.dumps({k: v for k, v in f.items() if k not in ("at_s", "action")})
         )
-    lines.append(f"mqtt     {report['mqtt']['connections_lost']} connections lost and re-established")
+    m, c = report["mqtt"], report["captures"]
+    lines.append(
+        f"mqtt     {m['connections_lost']} connections lost and re-established; devices sent "
+        f"{m['messages_sent']} messages ({m['bytes_sent']} B), received {m['messages_received']}"
+    )
+    if c["put"]:
+        lines.append(f"captures {c['put']} put, {c['stored']} stored, {c['evicted']} evicted by the disk "
+                     f"budget (counted), {c['unaccounted']} unaccounted")  # fmt: skip
     inv = report["invariants"]
     lines.append(
         "invariants held" if inv["held"] else "INVARIANTS BROKEN:\n  " + "\n  ".join(inv["problems"])
