@@ -307,6 +307,7 @@ class Scenario:
         return {
             "devices": len(on_disk),
             "running": running,
+            "per_device": {d: by_sha.get(sha or "", "none") for d, sha in sorted(on_disk.items())},
             "deployments": self.deployments,
             "faults": self.faults,
             "mqtt": {"connections_lost": fleet.loop.connections_lost,

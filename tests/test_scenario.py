@@ -28,6 +28,7 @@ def test_the_restart_and_corrupt_scenario_holds_every_invariant(tmp_path: Path) 
     report = run("restart-and-corrupt.json", tmp_path / "run")
     assert report["invariants"] == {"held": True, "problems": []}
     assert report["devices"] == 21 and report["running"] == {"v2": 21}
+    assert report["per_device"]["agent-00"] == "v2" and len(report["per_device"]) == 21
     states = [(d["image"], d["state"]) for d in report["deployments"]]
     assert states == [("v1", "succeeded"), ("v2", "succeeded"), ("v3", "rolled_back")]
     assert [w["devices"] for w in report["deployments"][0]["waves"]] == [2, 6, 13]
