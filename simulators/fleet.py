@@ -221,7 +221,7 @@ class SimDevice:
         self.buffer: Buffer | None = None
         self.capture_puts = 0
 
-    def _on_connect(self) -> None:
+    def on_connect(self) -> None:
         inv = inventory.collect(self.device_id, self.dir)
         inv["simulated"] = {"mode": "light", "tags": self.spec.tags}
         self.channel.report_inventory(inv)
@@ -237,7 +237,7 @@ class SimDevice:
         self._thread.start()
         if self.buffer is not None:
             self.buffer.start()
-        self.channel.start(self.deployer.submit, self._on_connect)
+        self.channel.start(self.deployer.submit, self.on_connect)
 
     def stop(self) -> None:
         self.deployer.stop()

@@ -185,7 +185,7 @@ class Scenario:
             def back() -> None:
                 time.sleep(float(step.get("seconds", 5)))
                 for d in devices:
-                    d.channel.start(d.deployer.submit, d._on_connect)
+                    d.channel.start(d.deployer.submit, d.on_connect)
 
             self._spawn(back)
         elif action in ("corrupt_bundle", "truncate_bundle", "slow_bundle"):
