@@ -114,7 +114,8 @@ class SensorHub:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
     def _run(self) -> None:
         t0 = last_beat = time.monotonic()
@@ -312,6 +313,9 @@ class Fleet:
         }
 
     def captures(self) -> dict[str, int]:
+        """The capture counts, final: the traffic stops first (a put in flight would not be counted yet)."""
+        if self.sensors is not None:
+            self.sensors.stop()
         devs = [d for d in self.devices.values() if d.buffer is not None]
         if not devs:
             return {"put": 0, "stored": 0, "evicted": 0, "unaccounted": 0}
