@@ -65,6 +65,8 @@ def load(path: Path) -> dict[str, Any]:
     for i, step in enumerate(spec.get("timeline", [])):
         if step.get("action") not in ACTIONS:
             raise ScenarioError(f"timeline[{i}]: unknown action {step.get('action')!r} (one of {ACTIONS})")
+        if step["action"] in ("network_delay", "network_loss") and not spec.get("proxied"):
+            raise ScenarioError(f"timeline[{i}]: {step['action']} needs devices listed in 'proxied'")
     return spec
 
 
@@ -205,11 +207,11 @@ class Scenario:
 
             self._spawn(restart)
         elif action == "network_delay":
-            assert self.proxy is not None, "network faults need devices listed in 'proxied'"
+            assert self.proxy is not None  # load() refuses network faults without 'proxied'
             self.proxy.delay_s = float(step.get("ms", 200)) / 1000
 
         elif action == "network_loss":
-            assert self.proxy is not None, "network faults need devices listed in 'proxied'"
+            assert self.proxy is not None
             proxy = self.proxy
             proxy.blackhole = True
 
