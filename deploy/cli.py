@@ -376,10 +376,6 @@ def _fail(err: dict[str, str]) -> None:
     print(f"edge-deploy: {err['code']}: {err['message']}{hint}", file=sys.stderr)
 
 
-def _tags(items: list[str], what: str = "tag") -> dict[str, str]:
-    return parse_tags(items, what)
-
-
 def _image_tags(items: list[str]) -> dict[str, str]:
     """Image tags go into bundle.json, so the bundle builder's rules apply to them."""
     tags: dict[str, str] = {}
@@ -558,12 +554,12 @@ def _registry_command(cp: ControlPlane, args: argparse.Namespace) -> int:
         if c == "register":
             bar, show = _upload_progress()
             m = cp.register_model(
-                args.name, args.file, _tags(args.tag), _tags(args.property, "property"), show
+                args.name, args.file, parse_tags(args.tag), parse_tags(args.property, "property"), show
             )
             bar.done()
             _out(args, m.as_dict())
         elif c == "list":
-            ms = [m.as_dict() for m in reg.models(args.name, args.version, _tags(args.tag))]
+            ms = [m.as_dict() for m in reg.models(args.name, args.version, parse_tags(args.tag))]
             _out(args, ms, columns=MODEL_COLUMNS)
         elif c == "show":
             m = reg.model(*parse_ref(args.ref, "model"))
@@ -585,7 +581,7 @@ def _registry_command(cp: ControlPlane, args: argparse.Namespace) -> int:
                 include=args.include,
                 wheels=args.wheel,
                 tags=tags,
-                properties=_tags(args.property, "property"),
+                properties=parse_tags(args.property, "property"),
                 smoke_test=smoke,
                 progress=show,
             )
@@ -597,7 +593,7 @@ def _registry_command(cp: ControlPlane, args: argparse.Namespace) -> int:
             _out(args, doc)
         elif c == "list":
             model = parse_ref(args.model, "model") if args.model else None
-            imgs = [i.as_dict() for i in reg.images(args.name, args.version, _tags(args.tag), model)]
+            imgs = [i.as_dict() for i in reg.images(args.name, args.version, parse_tags(args.tag), model)]
             _out(args, imgs, columns=IMAGE_COLUMNS)
         elif c == "show":
             i = reg.image(*parse_ref(args.ref, "image"))
@@ -608,14 +604,14 @@ def _registry_command(cp: ControlPlane, args: argparse.Namespace) -> int:
         return EXIT_OK
     if g == "device":
         if c == "list":
-            rows = [_device_row(d) for d in cp.devices(_tags(args.tag), refresh=not args.offline)]
+            rows = [_device_row(d) for d in cp.devices(parse_tags(args.tag), refresh=not args.offline)]
             _out(args, rows, columns=DEVICE_COLUMNS)
         elif c == "show":
             _ = cp.fleet
             d = reg.device(args.device)
             _out(args, {**d, "deployments": [x["id"] for x in reg.deployments(device=args.device)]})
         else:
-            _out(args, reg.tag_device(args.device, _tags(args.tags), args.remove))
+            _out(args, reg.tag_device(args.device, parse_tags(args.tags), args.remove))
         return EXIT_OK
     # deploy
     if c == "create":
@@ -628,7 +624,7 @@ def _registry_command(cp: ControlPlane, args: argparse.Namespace) -> int:
                 "--sections holds only runtime and data_collection",
                 'write {"runtime": {...}, "data_collection": {...}} (docs/manifest.md)',
             )
-        query = _tags(args.tag_query.split(","), "tag query") if args.tag_query else {}
+        query = parse_tags(args.tag_query.split(","), "tag query") if args.tag_query else {}
         dep_id = cp.create_deployment(image, args.device, query, _policy(args), sections)
         if args.no_wait:
             _out(args, cp.summary(dep_id))

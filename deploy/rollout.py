@@ -526,16 +526,18 @@ class Driver:
                 dep, "wave_held", {**(detail or {}), "reason": reason + " (auto_rollback is off)"}
             )
 
+    def _baseline(self, ids: list[str], version: str, policy: Policy, until: float) -> list[dict[str, Any]]:
+        """The devices' heartbeats on other images than ``version`` in the baseline window: the two
+        soak periods before ``until`` (the wave's publication). One definition for the wait before
+        publishing and for the gate's verdict."""
+        window = 2 * max(policy.gate.soak_s, 1.0)
+        return [r for r in self.reg.heartbeats(ids, until - window, until) if r["version"] != version]
+
     def _baseline_ready(
         self, dep: Mapping[str, Any], group: list[dict[str, Any]], policy: Policy, now: float
     ) -> bool:
-        image = self.reg.image_by_id(dep["image_id"])
-        ids = [m["device_id"] for m in group]
-        rows = [
-            r
-            for r in self.reg.heartbeats(ids, dep["phase_since"] - policy.gate.soak_s, now)
-            if r["version"] != str(image.version)
-        ]
+        version = str(self.reg.image_by_id(dep["image_id"]).version)
+        rows = self._baseline([m["device_id"] for m in group], version, policy, now)
         return bool(
             sum(r["requests"] for r in rows) >= policy.gate.min_requests
             or now - dep["phase_since"] >= policy.gate.soak_s
@@ -554,9 +556,7 @@ class Driver:
         version = str(image.version)
         current = [r for r in self.reg.heartbeats(ids, since, until) if r["version"] == version]
         first_publish = min((m["published_at"] for m in group if m["published_at"]), default=since)
-        window = max(policy.gate.soak_s, 1.0)
-        before = self.reg.heartbeats(ids, first_publish - 2 * window, first_publish)
-        baseline = [r for r in before if r["version"] != version]
+        baseline = self._baseline(ids, version, policy, first_publish)
         return gate_verdict(_windows(baseline), _windows(current), policy.gate)
 
     def _roll_back(self, dep: Mapping[str, Any], members: list[dict[str, Any]], policy: Policy) -> None:

@@ -250,15 +250,14 @@ class SimDevice:
         self.fetcher.close()
         self.db.close()
 
-    def captures_unaccounted(self) -> int:
-        """Captures put but neither stored nor counted as dropped: lost, against the buffer's contract."""
-        if self.buffer is None:
-            return 0
+    def capture_counts(self) -> tuple[int, int, int, int]:
+        """(stored, dropped and counted, buffer bytes, budget), once what is queued is committed."""
+        assert self.buffer is not None
         self.buffer.flush(timeout=10)
         stats = self.buffer.stats()
         stored = stats["classes"]["capture"]["records"] + stats["classes"]["capture"]["acked"]["records"]
         dropped = sum(v["records"] for v in stats["dropped"].get("capture", {}).values())
-        return int(self.capture_puts - stored - dropped)
+        return int(stored), int(dropped), int(stats["size_bytes"]), int(stats["budget_bytes"])
 
     def on_disk(self) -> str | None:
         """What the device really runs: its ``current`` symlink."""
@@ -319,15 +318,17 @@ class Fleet:
         devs = [d for d in self.devices.values() if d.buffer is not None]
         if not devs:
             return {"put": 0, "stored": 0, "evicted": 0, "unaccounted": 0}
-        unaccounted = sum(d.captures_unaccounted() for d in devs)  # flushes each buffer first
-        stats = [d.buffer.stats() for d in devs if d.buffer is not None]
+        counts = [d.capture_counts() for d in devs]
+        put = sum(d.capture_puts for d in devs)
+        stored, dropped = sum(c[0] for c in counts), sum(c[1] for c in counts)
         return {
-            "put": sum(d.capture_puts for d in devs),
-            "stored": sum(s["classes"]["capture"]["records"] for s in stats),
-            "evicted": sum(v["records"] for s in stats for v in s["dropped"].get("capture", {}).values()),
-            "unaccounted": unaccounted,
-            "largest_buffer_bytes": max(s["size_bytes"] for s in stats),
-            "budget_bytes": stats[0]["budget_bytes"],
+            "put": put,
+            "stored": stored,
+            "evicted": dropped,
+            # put, but neither stored nor counted as dropped: lost, against the buffer's contract
+            "unaccounted": put - stored - dropped,
+            "largest_buffer_bytes": max(c[2] for c in counts),
+            "budget_bytes": counts[0][3],
         }
 
     def traffic(self) -> dict[str, int]:

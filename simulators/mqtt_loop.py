@@ -267,9 +267,8 @@ class SimChannel(MqttChannel):
             info = self._client.publish(
                 self.topics.online, self._online_doc(False, "shutdown"), qos=1, retain=True
             )
-            deadline = time.monotonic() + 2.0
-            while not info.is_published() and time.monotonic() < deadline:
-                time.sleep(0.01)
+            with contextlib.suppress(RuntimeError, ValueError):  # not sent: the will says offline anyway
+                info.wait_for_publish(timeout=2.0)
         self.running = False
         done = threading.Event()
         self.loop.detach(self, done)
