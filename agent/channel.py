@@ -1,13 +1,17 @@
 """The control channel seam: how desired state reaches the agent and how reports leave it.
 
 The deployer knows only this interface. Implementations: :mod:`agent.mqtt_channel` (a plain MQTT 5
-broker with mutual TLS); an Azure IoT Hub device-twin channel implements the same methods.
+broker with mutual TLS) and :mod:`agent.hub_channel` (Azure IoT Hub's device twin, through the
+azure-iot-device SDK). ``transport`` in the config chooses one (:func:`open_channel`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
 
 DesiredHandler = Callable[[bytes], None]
 ConnectHandler = Callable[[], None]
@@ -30,5 +34,19 @@ class ControlChannel(Protocol):
     @property
     def connected(self) -> bool: ...
 
+    def describe(self) -> dict[str, Any]:
+        """``{"transport", "endpoint", "connected", "last_error"}``: for run.json and the logs."""
+        ...
+
     def stop(self) -> None:
         """Say goodbye (online=false), disconnect and stop the background thread."""
+
+
+def open_channel(cfg: AgentConfig) -> ControlChannel:
+    if cfg.transport == "iothub":
+        from agent.hub_channel import HubChannel
+
+        return HubChannel(cfg.device_id, cfg.iothub)
+    from agent.mqtt_channel import MqttChannel
+
+    return MqttChannel(cfg.device_id, cfg.mqtt)

@@ -43,6 +43,73 @@ class MqttConfig:
 
 
 @dataclass
+class IotHubConfig:
+    """Azure IoT Hub (device twin) as the control channel: ``transport = "iothub"``.
+
+    Authenticate with a device connection string (``HostName=...;DeviceId=...;SharedAccessKey=...``,
+    best kept in ``connection_string_file``, readable only by the agent) or with X.509: ``hostname``
+    plus this device's ``cert`` and ``key`` (its CN is the device id). The SDK always dials port 8883.
+    """
+
+    connection_string: str = ""
+    connection_string_file: Path | None = None
+    hostname: str = ""
+    cert: Path | None = None
+    key: Path | None = None
+    #: CA that signed the hub's (or gateway's) server certificate; default: the system's roots.
+    ca: Path | None = None
+    #: Connect through an IoT Edge gateway (or a protocol gateway) instead of the hub itself.
+    gateway_hostname: str = ""
+    keepalive: int = 60
+    #: SAS tokens made from a connection string live this long; the SDK renews them.
+    sastoken_ttl: int = 3600
+    #: The most a twin read, a reported-property update or a message may wait for the hub's answer.
+    request_timeout: float = 30.0
+    reconnect_min: float = 0.5
+    reconnect_max: float = 60.0
+
+    def read_connection_string(self) -> str:
+        if self.connection_string_file is not None:
+            try:
+                return self.connection_string_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    "iothub.connection_string_file",
+                    f"cannot read {self.connection_string_file}: {exc.strerror}",
+                ) from None
+        return self.connection_string
+
+
+def parse_connection_string(text: str) -> dict[str, str]:
+    """``HostName=...;DeviceId=...;SharedAccessKey=...`` as a dict; a malformed one names what is wrong."""
+    parts: dict[str, str] = {}
+    for item in text.strip().split(";"):
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ConfigError("iothub.connection_string", f"{item!r} is not KEY=VALUE")
+        parts[key] = value
+    missing = [k for k in ("HostName", "DeviceId") if k not in parts]
+    if missing:
+        raise ConfigError("iothub.connection_string", f"has no {' or '.join(missing)}")
+    if "SharedAccessKey" not in parts:
+        raise ConfigError(
+            "iothub.connection_string",
+            "has no SharedAccessKey (for X.509 set hostname, cert and key instead)",
+        )
+    return parts
+
+
+@dataclass
+class ServiceConfig:
+    """How the agent behaves under systemd (``Type=notify``)."""
+
+    #: READY=1 is sent once the control channel is connected and the API serves, or after this many
+    #: seconds offline: a device without a network must keep serving its last image, not be
+    #: restarted by systemd for a slow broker. Keep it below the unit's TimeoutStartSec.
+    ready_timeout: float = 20.0
+
+
+@dataclass
 class TrustConfig:
     #: PEM files of the Ed25519 public keys whose manifest signatures this device accepts.
     keys: list[Path] = field(default_factory=list)
@@ -138,7 +205,12 @@ class AgentConfig:
     device_id: str = ""
     state_dir: Path = Path("/var/lib/edge-agent")
     log_level: str = "info"
+    #: The control channel: "mqtt" (a plain MQTT 5 broker, [mqtt]) or "iothub" (Azure IoT Hub device
+    #: twin, [iothub]). The deployer does not know which one it talks to.
+    transport: str = "mqtt"
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    iothub: IotHubConfig = field(default_factory=IotHubConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
     trust: TrustConfig = field(default_factory=TrustConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -152,6 +224,12 @@ class AgentConfig:
             raise ConfigError("device_id", "is required (the device's id, equal to its certificate's CN)")
         if not _ID.match(self.device_id):
             raise ConfigError("device_id", f"{self.device_id!r} may only use letters, digits and . _ : -")
+        if self.transport not in ("mqtt", "iothub"):
+            raise ConfigError("transport", f'{self.transport!r} is neither "mqtt" nor "iothub"')
+        if self.transport == "iothub":
+            self._validate_iothub()
+        if self.service.ready_timeout <= 0:
+            raise ConfigError("service.ready_timeout", "must be > 0")
         if not 0 < self.mqtt.port < 65536:
             raise ConfigError("mqtt.port", f"{self.mqtt.port} is not a TCP port")
         if "/" in self.mqtt.prefix or "+" in self.mqtt.prefix or "#" in self.mqtt.prefix:
@@ -216,6 +294,39 @@ class AgentConfig:
             raise ConfigError("sync.bandwidth", "must be >= 0 (0: no cap)")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level", "must be one of debug, info, warning, error")
+
+    def _validate_iothub(self) -> None:
+        hub = self.iothub
+        has_cs = bool(hub.connection_string or hub.connection_string_file)
+        has_x509 = bool(hub.cert or hub.key)
+        if hub.connection_string and hub.connection_string_file:
+            raise ConfigError(
+                "iothub.connection_string", "set connection_string or connection_string_file, not both"
+            )
+        if has_cs == has_x509:
+            raise ConfigError(
+                "iothub",
+                "set either a connection string (connection_string_file) or X.509 (hostname, cert and key)",
+            )
+        for name in ("connection_string_file", "cert", "key", "ca"):
+            p = getattr(hub, name)
+            if p is not None and not p.is_file():
+                raise ConfigError(f"iothub.{name}", f"file {p} does not exist or is not readable")
+        if has_cs:
+            parts = parse_connection_string(hub.read_connection_string())
+            if parts["DeviceId"] != self.device_id:
+                raise ConfigError(
+                    "iothub.connection_string",
+                    f"is for device {parts['DeviceId']!r}, but device_id is {self.device_id!r}",
+                )
+        elif not (hub.hostname and hub.cert and hub.key):
+            raise ConfigError("iothub.hostname", "X.509 needs hostname, cert and key")
+        if not 5 <= hub.keepalive <= 1740:
+            raise ConfigError("iothub.keepalive", "must be between 5 and 1740 seconds (IoT Hub's limit)")
+        if hub.request_timeout <= 0:
+            raise ConfigError("iothub.request_timeout", "must be > 0")
+        if hub.reconnect_min <= 0 or hub.reconnect_max < hub.reconnect_min:
+            raise ConfigError("iothub.reconnect_max", "need 0 < reconnect_min <= reconnect_max")
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
@@ -315,10 +426,14 @@ def load(path: Path | None, env: Mapping[str, str] | None = None) -> AgentConfig
     if path is not None:
         base = path.parent
         cfg.state_dir = base / cfg.state_dir
-        for name in ("ca", "cert", "key"):
-            p = getattr(cfg.mqtt, name)
-            if p is not None:
-                setattr(cfg.mqtt, name, base / p)
+        for section, names in (
+            (cfg.mqtt, ("ca", "cert", "key")),
+            (cfg.iothub, ("ca", "cert", "key", "connection_string_file")),
+        ):
+            for name in names:
+                p = getattr(section, name)
+                if p is not None:
+                    setattr(section, name, base / p)
         cfg.trust.keys = [base / p for p in cfg.trust.keys]
         if cfg.download.ca is not None:
             cfg.download.ca = base / cfg.download.ca

@@ -65,6 +65,7 @@ class MqttChannel:
         self._connected_once = False
         self._on_desired: DesiredHandler = lambda _raw: None
         self._on_connected: ConnectHandler = lambda: None
+        self._last_error: str | None = None
 
     def _online_doc(self, online: bool, reason: str) -> bytes:
         return _json({"device_id": self.device_id, "online": online, "reason": reason, "at": now_iso()})
@@ -74,6 +75,14 @@ class MqttChannel:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "transport": "mqtt",
+            "endpoint": f"{self.cfg.host}:{self.cfg.port}",
+            "connected": self.connected,
+            "last_error": self._last_error,
+        }
 
     def start(self, on_desired: DesiredHandler, on_connect: ConnectHandler) -> None:
         self._on_desired = on_desired
@@ -139,6 +148,7 @@ class MqttChannel:
                     if self._connected.is_set():
                         attempt = 0
             except (OSError, ssl.SSLError, ValueError) as exc:
+                self._last_error = str(exc)
                 log.warning("mqtt.connect_failed", host=self.cfg.host, port=self.cfg.port, error=str(exc))
             if self._stop.is_set():
                 break
@@ -154,8 +164,10 @@ class MqttChannel:
         self, client: mqtt.Client, _u: Any, flags: dict[str, Any], rc: Any, _p: Any = None
     ) -> None:
         if rc != 0:
+            self._last_error = f"broker refused the connection: {rc}"
             log.error("mqtt.refused", reason=str(rc))
             return
+        self._last_error = None
         log.info(
             "mqtt.connected",
             host=self.cfg.host,

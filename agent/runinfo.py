@@ -1,0 +1,42 @@
+"""``<state_dir>/run.json``: what the running agent is doing now, for ``edge-agent status``.
+
+The daemon rewrites it (atomically) on every tick of its main loop. Fields::
+
+    pid, version, started_at, updated_at   the process, and when it last wrote this file
+    ready                                  READY=1 was sent (connected and serving, or offline too long)
+    status                                 the last STATUS= line sent to systemd
+    channel                                {"transport", "endpoint", "connected", "last_error"}
+    api                                    the scoring API's address, or null
+
+A reader treats a file whose ``pid`` is not alive, or whose ``updated_at`` is old, as stale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+FILENAME = "run.json"
+
+
+def write(state_dir: Path, doc: dict[str, Any]) -> None:
+    path = state_dir / FILENAME
+    tmp = path.with_name(f".{FILENAME}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, sort_keys=True, separators=(",", ":")))
+    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+
+
+def read(state_dir: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads((state_dir / FILENAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def remove(state_dir: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (state_dir / FILENAME).unlink()
