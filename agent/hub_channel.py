@@ -66,7 +66,7 @@ def merge_patch(old: Any, new: Any) -> Any:
     A ``None`` inside ``new`` means "absent" (a merge patch cannot store a null).
     """
     if not isinstance(old, dict) or not isinstance(new, dict):
-        return None if old == new else new
+        return None if old == new else _strip_nulls(new)
     patch: dict[str, Any] = {}
     for key, value in new.items():
         if value is None:
@@ -75,10 +75,8 @@ def merge_patch(old: Any, new: Any) -> Any:
             patch[key] = _strip_nulls(value)
             continue
         sub = merge_patch(old[key], value)
-        if sub is not None and sub != {}:
+        if sub is not None:
             patch[key] = sub
-        elif isinstance(value, dict) and not isinstance(old[key], dict):
-            patch[key] = _strip_nulls(value)
     for key in old:
         if new.get(key) is None:
             patch[key] = None

@@ -15,6 +15,7 @@ import argparse
 import base64
 import json
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -255,6 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
     f.add_argument("--rate", type=float, default=0.0, help="scoring requests/s per device (0: no traffic)")
     f.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats, with --rate")
+    h = sub.add_parser(
+        "hub", help='simulate Azure IoT Hub for real agents (transport = "iothub") until SIGTERM'
+    )
+    h.add_argument("--device", action="append", required=True, metavar="ID", help="a device (repeatable)")
+    h.add_argument("--x509", action="store_true", help="X.509 device certificates instead of SAS keys")
+    h.add_argument("--workdir", type=Path, default=Path("hub-run"))
+    h.add_argument("--bridge", metavar="HOST:PORT", help="the control plane's broker, to deploy through")
+    h.add_argument("--bridge-dir", type=Path, help="that broker's work directory (its operator certificate)")
     sc = sub.add_parser("scenario", help="run a scripted scenario (fleet, rollouts, faults) and report")
     sc.add_argument("file", type=Path, help="the scenario (JSON; see simulators/scenario.py)")
     sc.add_argument("--workdir", type=Path, default=Path("scenario-run"))
@@ -266,7 +275,44 @@ def main(argv: list[str] | None = None) -> int:
         return demo(args.workdir.absolute(), args.devices, args.keep)
     if args.cmd == "fleet":
         return _fleet(args)
+    if args.cmd == "hub":
+        return _hub(args)
     return 2
+
+
+def _hub(args: argparse.Namespace) -> int:
+    """One JSON line per device (its address and credentials, for the agent's [iothub] section),
+    then serve until SIGTERM or SIGINT."""
+    from simulators.broker import Mosquitto
+    from simulators.iothub import IotHubSim
+
+    bridge = None
+    if args.bridge:
+        if args.bridge_dir is None:
+            print("edge-sim: --bridge needs --bridge-dir (the broker's CA issues our operator certificate)",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        host, _, port = args.bridge.rpartition(":")
+        bridge = Mosquitto(args.bridge_dir, host=host, port=int(port))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with IotHubSim(args.workdir.absolute(), bridge=bridge) as hub:
+        for device_id in args.device:
+            dev = hub.add_device(device_id, x509=args.x509)
+            section: dict[str, str] = {"ca": str(hub.ca_path)}
+            if dev.cert is not None:
+                section |= {
+                    "hostname": dev.address,
+                    "cert": str(dev.cert.cert_path),
+                    "key": str(dev.cert.key_path),
+                }
+            else:
+                section["connection_string"] = dev.connection_string
+            print(json.dumps({"device_id": device_id, "address": f"{dev.address}:8883", "iothub": section}),
+                  flush=True)  # fmt: skip
+        stop.wait()
+    return 0
 
 
 def _scenario(args: argparse.Namespace) -> int:

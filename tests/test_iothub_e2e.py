@@ -9,6 +9,10 @@ signing key.
 from __future__ import annotations
 
 import json
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +24,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent import manifest as mf
 from agent.fetch import hash_file
 from agent.hub_channel import status_from_twin
+from deploy import cli as deploy_cli
+from simulators import models
+from simulators.bundle_server import BundleServer
 from simulators.iothub import HubDevice, IotHubSim
 from simulators.rig import AgentProcess, Rig, wait_until
 
@@ -137,6 +144,51 @@ def test_connection_string_device_is_deployed_by_the_control_plane(hub: Hub) -> 
     assert online is not None and online["online"] is True
 
 
+def test_edge_deploy_rolls_out_in_waves_to_devices_behind_the_hub(
+    hub: Hub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The whole control plane (registry, image build, a rollout in waves) through the hub."""
+    home = tmp_path / "home"
+    (home / "keys").mkdir(parents=True)
+    for suffix in ("key", "pub"):
+        (home / "keys" / f"signing.{suffix}").write_bytes(
+            (hub.rig.pubkey_path.parent / f"signing.{suffix}").read_bytes()
+        )
+    artifacts = BundleServer(home / "artifacts").start()
+    broker, cert = hub.rig.broker, hub.rig.broker.client_cert("operator")
+    (home / "config.toml").write_text(
+        f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\nca = "{cert.ca_path}"\n'
+        f'cert = "{cert.cert_path}"\nkey = "{cert.key_path}"\nprefix = "{broker.prefix}"\n'
+        f'[artifacts]\npublic_url = "{artifacts.url}/"\n'
+    )
+
+    def plane(*argv: str) -> Any:
+        capsys.readouterr()
+        rc = deploy_cli.main(["--home", str(home), *argv])
+        out, err = capsys.readouterr()
+        assert rc == 0, f"edge-deploy {' '.join(argv)} -> {rc}\n{err}\n{out}"
+        return json.loads(out)
+
+    ids = ["hub-cp-1", "hub-cp-2", "hub-cp-3"]
+    agents = {d: hub.agent(hub.device(d)) for d in ids}
+    try:
+        model = models.mlp(tmp_path / "m.onnx", sizes=(4, 8, 2))
+        plane("model", "register", "hubmlp", str(model), "--json")
+        plane("image", "build", "--name", "hubclf", "--model", "m=hubmlp:1", "--json")
+        assert wait_until(lambda: set(ids) <= {d["id"] for d in plane("device", "list", "--json")}, TIMEOUT)
+        argv = ["deploy", "create", "hubclf:1", "--canary", "1", "--json"]
+        dep = plane(*argv[:3], *[x for d in ids for x in ("--device", d)], *argv[3:])
+        assert dep["state"] == "succeeded" and dep["waves"] >= 2, dep
+        sha = plane("image", "show", "hubclf:1", "--json")["sha256"]
+        for d, agent in agents.items():
+            assert agent.current_image() == sha
+            assert hub.hub.reported(d)["status"]["active"]["sha256"] == sha
+    finally:
+        for agent in agents.values():
+            agent.stop()
+        artifacts.stop()
+
+
 def test_bad_manifests_in_the_twin_are_refused_and_change_nothing(hub: Hub) -> None:
     dev = hub.device("hub-bad")
     agent = hub.agent(dev)
@@ -234,3 +286,31 @@ def test_expired_device_certificate_is_a_clear_error_and_the_agent_keeps_running
     assert "expired" in line["error"].lower(), line
     assert agent.running
     assert hub.hub.reported(dev.device_id) == {}
+
+
+def test_edge_sim_hub_prints_each_devices_credentials_and_stops_on_sigterm(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "simulators.cli",
+            "hub",
+            "--device",
+            "cli-1",
+            "--x509",
+            "--workdir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = json.loads(proc.stdout.readline())
+        assert line["device_id"] == "cli-1" and line["address"].endswith(":8883")
+        assert Path(line["iothub"]["cert"]).is_file() and line["iothub"]["hostname"] == line["address"][:-5]
+        with socket.create_connection((line["iothub"]["hostname"], 8883), timeout=5):
+            pass  # the device's hub broker listens
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
