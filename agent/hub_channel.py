@@ -387,8 +387,10 @@ class HubChannel:
         with self._lock:
             last = self._desired_version
             if isinstance(version, int) and last is not None:
-                if version <= last and not full:
-                    log.info("iothub.patch_stale", version=version, last_version=last)
+                # A whole twin as new as the last patch is read again on purpose (reconnect); a
+                # twin read that a newer patch overtook, or a patch seen before, is stale.
+                if version < last or (version == last and not full):
+                    log.info("iothub.desired_stale", version=version, last_version=last, full=full)
                     return
                 if version > last + 1 and not full:
                     # A patch in between never reached us: read the whole twin to see what it said.
@@ -396,7 +398,7 @@ class HubChannel:
                     self._refetch = True
                     self._wake.notify_all()
             if isinstance(version, int):
-                self._desired_version = version if last is None or full else max(last, version)
+                self._desired_version = version
         ours = props.get(TWIN_KEY)
         if ours is None:
             return

@@ -135,3 +135,30 @@ def test_unknown_transport_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         config_mod.load(path, env={})
     assert exc.value.field == "transport"
+
+
+def _channel(tmp_path: Path) -> Any:
+    from agent.config import IotHubConfig
+    from agent.hub_channel import HubChannel
+
+    (tmp_path / "cs").write_text("HostName=127.0.0.9;DeviceId=d;SharedAccessKey=YWJjZA==")
+    ch = HubChannel("d", IotHubConfig(connection_string_file=tmp_path / "cs"))
+    got: list[bytes] = []
+    ch._on_desired = got.append
+    return ch, got
+
+
+def test_desired_versions_stale_gaps_and_rereads(tmp_path: Path) -> None:
+    """No hub needed: the version bookkeeping on the SDK's callbacks, fed by hand."""
+    ch, got = _channel(tmp_path)
+    ch._take_desired({"$version": 3, "edge": {"manifest": "m3"}}, full=True)
+    ch._take_desired({"$version": 3, "edge": {"manifest": "m3"}}, full=False)  # the same patch again
+    ch._take_desired({"$version": 4, "edge": {"manifest": "m4"}}, full=False)
+    ch._take_desired({"$version": 3, "edge": {"manifest": "m3"}}, full=True)  # a read overtaken by v4
+    assert got == [b"m3", b"m4"] and not ch._refetch
+    ch._take_desired({"$version": 6, "other": 1}, full=False)  # v5 never arrived
+    assert ch._refetch and ch._desired_version == 6
+    ch._take_desired({"$version": 6, "edge": {"manifest": "m5"}}, full=True)  # the re-read
+    ch._take_desired({"$version": 7, "edge": {"manifest": None}}, full=False)  # cleared: nothing to do
+    ch._take_desired({"$version": 8, "edge": {"manifest": {"payload": "x"}}}, full=False)
+    assert got == [b"m3", b"m4", b"m5", b'{"payload": "x"}']
