@@ -11,6 +11,8 @@ cd "$(dirname "$0")"
 
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+# systemd-analyze verifies the unit in the tests (no running systemd needed)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 PY=""
 for c in python3.13 python3.12 python3.11 python3; do
   if command -v "$c" >/dev/null 2>&1 && "$c" -c "import sys; sys.exit(sys.version_info < (3, 11))" 2>/dev/null; then
