@@ -173,6 +173,14 @@ class Deployer:
         if refused:
             self.publish()
 
+    def intake_free(self) -> bool:
+        """The intake lock is free now. It is held for the microseconds a verification takes, so a
+        lock that stays taken means the intake is wedged (and the control channel, waiting on it)."""
+        if not self._lock.acquire(timeout=0):
+            return False
+        self._lock.release()
+        return True
+
     # --- the worker thread -----------------------------------------------------------------
 
     def stop(self) -> None:

@@ -284,6 +284,9 @@ def test_expired_device_certificate_is_a_clear_error_and_the_agent_keeps_running
     assert wait_until(lambda: "iothub.connect_failed" in agent.log_text(), TIMEOUT), agent.log_text()
     line = next(json.loads(x) for x in agent.log_text().splitlines() if "iothub.connect_failed" in x)
     assert "expired" in line["error"].lower(), line
+    # ... said in plain words at start, before the first attempt, with what to do.
+    problem = next(json.loads(x) for x in agent.log_text().splitlines() if "agent.certificate_problem" in x)
+    assert problem["code"] == "cert_expired" and problem["level"] == "error" and "renew" in problem["hint"]
     assert agent.running
     assert hub.hub.reported(dev.device_id) == {}
 
