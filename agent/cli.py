@@ -60,9 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"error": exc.as_dict()}))
         return 2
     if args.cmd == "check-config":
-        print(
-            json.dumps({"ok": True, "device_id": cfg.device_id, "broker": f"{cfg.mqtt.host}:{cfg.mqtt.port}"})
-        )
+        summary = {"ok": True, "device_id": cfg.device_id, "transport": cfg.transport}
+        print(json.dumps({**summary, "endpoint": cfg.control_endpoint()}))
         return 0
     if args.cmd == "status":
         return _status(cfg.state_dir, args.json)

@@ -68,6 +68,13 @@ class IotHubConfig:
     reconnect_min: float = 0.5
     reconnect_max: float = 60.0
 
+    def endpoint_host(self) -> str:
+        """Where the SDK connects: the gateway when there is one, else the hub."""
+        if self.connection_string or self.connection_string_file:
+            parts = parse_connection_string(self.read_connection_string())
+            return parts.get("GatewayHostName") or parts["HostName"]
+        return self.gateway_hostname or self.hostname
+
     def read_connection_string(self) -> str:
         if self.connection_string_file is not None:
             try:
@@ -218,6 +225,12 @@ class AgentConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+
+    def control_endpoint(self) -> str:
+        """``host:port`` of the control channel in use (IoT Hub's port is always 8883)."""
+        if self.transport == "iothub":
+            return f"{self.iothub.endpoint_host()}:8883"
+        return f"{self.mqtt.host}:{self.mqtt.port}"
 
     def validate(self) -> None:
         if not self.device_id:

@@ -463,12 +463,7 @@ def probe_channel(
 def check_channel(cfg: AgentConfig, timeout: float, *, iothub_port: int = IOTHUB_PORT) -> list[Result]:
     if cfg.transport == "iothub":
         hub = cfg.iothub
-        if hub.gateway_hostname:
-            host = hub.gateway_hostname
-        elif hub.hostname:
-            host = hub.hostname
-        else:
-            host = config_mod.parse_connection_string(hub.read_connection_string())["HostName"]
+        host = hub.endpoint_host()
         return [
             probe_channel(
                 host,

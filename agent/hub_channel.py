@@ -36,7 +36,7 @@ from azure.iot.device import exceptions as hub_errors
 
 from agent import manifest as mf
 from agent.channel import ConnectHandler, DesiredHandler
-from agent.config import IotHubConfig, parse_connection_string
+from agent.config import IotHubConfig
 from agent.fetch import backoff_delays
 from agent.log import get_logger
 from agent.state import now_iso
@@ -149,7 +149,7 @@ class HubChannel:
 
     @property
     def endpoint(self) -> str:
-        return f"{self._host}:{PORT}"
+        return f"{self.cfg.endpoint_host()}:{PORT}"
 
     def _make_client(self) -> IoTHubDeviceClient:
         """A new SDK client. One per connection: a fresh client subscribes to twin responses again
@@ -166,7 +166,6 @@ class HubChannel:
         if cfg.ca is not None:
             opts["server_verification_cert"] = cfg.ca.read_text()
         if cfg.cert is not None and cfg.key is not None:
-            self._host = cfg.gateway_hostname or cfg.hostname
             if cfg.gateway_hostname:
                 opts["gateway_hostname"] = cfg.gateway_hostname
             x509 = X509(cert_file=str(cfg.cert), key_file=str(cfg.key))  # type: ignore[no-untyped-call]
@@ -175,8 +174,6 @@ class HubChannel:
             )
         else:
             text = cfg.read_connection_string()
-            parts = parse_connection_string(text)
-            self._host = parts.get("GatewayHostName") or parts["HostName"]
             client = IoTHubDeviceClient.create_from_connection_string(
                 text, sastoken_ttl=cfg.sastoken_ttl, **opts
             )

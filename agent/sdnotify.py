@@ -137,15 +137,6 @@ class Notifier:
             self._failing = False
         return True
 
-    def ready(self, status: str | None = None) -> bool:
-        return self.notify(READY=1, **({"STATUS": status} if status is not None else {}))
-
-    def status(self, text: str) -> bool:
-        return self.notify(STATUS=text)
-
-    def watchdog(self) -> bool:
-        return self.notify(WATCHDOG=1)
-
     def stopping(self, status: str | None = None) -> bool:
         return self.notify(STOPPING=1, **({"STATUS": status} if status is not None else {}))
 

@@ -100,12 +100,17 @@ def test_iothub_config_with_a_connection_string_file(tmp_path: Path) -> None:
     cfg = config_mod.load(_write(tmp_path, '[iothub]\nconnection_string_file = "cs"\n'), env={})
     assert cfg.transport == "iothub" and cfg.iothub.connection_string_file == tmp_path / "cs"
     assert cfg.iothub.read_connection_string().startswith("HostName=hub.example;")
+    assert cfg.control_endpoint() == "hub.example:8883"
+    (tmp_path / "cs").write_text(
+        "HostName=hub.example;DeviceId=dev-1;SharedAccessKey=YWJjZA==;GatewayHostName=gw\n"
+    )
+    assert cfg.control_endpoint() == "gw:8883"  # through an IoT Edge gateway
 
 
 def test_iothub_config_with_x509(tmp_path: Path) -> None:
     body = '[iothub]\nhostname = "hub.example"\ncert = "dev.crt"\nkey = "dev.key"\n'
     cfg = config_mod.load(_write(tmp_path, body), env={})
-    assert cfg.iothub.cert == tmp_path / "dev.crt"
+    assert cfg.iothub.cert == tmp_path / "dev.crt" and cfg.control_endpoint() == "hub.example:8883"
 
 
 @pytest.mark.parametrize(

@@ -180,7 +180,8 @@ def test_install_lays_everything_out_and_a_second_run_changes_nothing(
     assert installed_check_config(root) == {
         "ok": True,
         "device_id": "dev-001",
-        "broker": "broker.example:8883",
+        "transport": "mqtt",
+        "endpoint": "broker.example:8883",
     }
     # The venv runs the wheel the installer put in it, not this checkout.
     probe = [str(venv / "bin" / "python"), "-c", "import agent; print(agent.__file__)"]
@@ -254,7 +255,12 @@ def test_iothub_config_and_the_accelerator_drop_in(root: Path, wheel: Path, inpu
     assert cfg["transport"] == "iothub" and "mqtt" not in cfg
     assert cfg["iothub"] == {"connection_string_file": "certs/iothub-connection-string"}
     assert mode(etc / "certs" / "iothub-connection-string") == 0o640  # it holds the device's key
-    assert installed_check_config(root)["device_id"] == "dev-hub"
+    assert installed_check_config(root) == {
+        "ok": True,
+        "device_id": "dev-hub",
+        "transport": "iothub",
+        "endpoint": "hub.azure-devices.net:8883",
+    }
     dropin = root / "etc" / "systemd" / "system" / "edge-agent.service.d" / "accelerator.conf"
     assert dropin.read_text() == (ROOT / "systemd" / "accelerator.conf").read_text()
     assert "accelerator drop-in" in r.stdout

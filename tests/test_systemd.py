@@ -204,9 +204,9 @@ def listener(request: pytest.FixtureRequest) -> Iterator[NotifySocket]:
 def test_ready_and_status_arrive_in_one_datagram(listener: NotifySocket) -> None:
     n = sdnotify.Notifier(listener.name)
     assert n.enabled
-    assert n.ready("serving iris:2 (generation 7)")
+    assert n.notify(READY=1, STATUS="serving iris:2 (generation 7)")
     assert listener.recv(5) == {"READY": "1", "STATUS": "serving iris:2 (generation 7)"}
-    assert n.watchdog() and listener.recv(5) == {"WATCHDOG": "1"}
+    assert n.notify(WATCHDOG=1) and listener.recv(5) == {"WATCHDOG": "1"}
     assert n.stopping() and listener.recv(5) == {"STOPPING": "1"}
     assert n.extend_timeout(1.5) and listener.recv(5) == {"EXTEND_TIMEOUT_USEC": "1500000"}
     n.close()
@@ -214,9 +214,9 @@ def test_ready_and_status_arrive_in_one_datagram(listener: NotifySocket) -> None
 
 def test_a_value_cannot_smuggle_an_assignment(listener: NotifySocket) -> None:
     n = sdnotify.Notifier(listener.name)
-    n.status("offline: broker said\nREADY=1\nMAINPID=1")
+    n.notify(STATUS="offline: broker said\nREADY=1\nMAINPID=1")
     assert listener.recv(5) == {"STATUS": "offline: broker said READY=1 MAINPID=1"}
-    n.status("x" * 10_000)
+    n.notify(STATUS="x" * 10_000)
     assert len(listener.recv(5)["STATUS"]) == sdnotify.MAX_VALUE_CHARS  # type: ignore[index]
 
 
@@ -224,14 +224,14 @@ def test_from_env_reads_and_unsets_the_variables(listener: NotifySocket) -> None
     env = {"NOTIFY_SOCKET": listener.name, "WATCHDOG_USEC": "1000000", "OTHER": "kept"}
     n = sdnotify.Notifier.from_env(env, unset=True)
     assert env == {"OTHER": "kept"}  # score.py workers must not inherit them
-    assert n.watchdog_interval == 0.5 and n.watchdog()
+    assert n.watchdog_interval == 0.5 and n.notify(WATCHDOG=1)
     assert listener.recv(5) == {"WATCHDOG": "1"}
 
 
 def test_without_notify_socket_everything_is_a_no_op() -> None:
     n = sdnotify.Notifier.from_env({"WATCHDOG_USEC": "1000000"})
     assert not n.enabled and n.watchdog_interval is None
-    assert n.ready("x") is False and n.watchdog() is False and n.stopping() is False
+    assert n.notify(READY=1) is False and n.notify(WATCHDOG=1) is False and n.stopping() is False
 
 
 @pytest.mark.parametrize(
@@ -257,8 +257,8 @@ def test_send_failures_never_raise_and_are_logged_once(caplog: pytest.LogCapture
     try:
         n = sdnotify.Notifier(os.path.join(d, "nobody-listens"))
         with caplog.at_level("WARNING", logger="edge.sdnotify"):
-            assert n.watchdog() is False
-            assert n.watchdog() is False
+            assert n.notify(WATCHDOG=1) is False
+            assert n.notify(WATCHDOG=1) is False
         assert [r.getMessage() for r in caplog.records].count("sdnotify.send_failed") == 1
     finally:
         shutil.rmtree(d)
@@ -268,19 +268,19 @@ def test_unsupported_addresses_are_refused_not_guessed() -> None:
     assert sdnotify.socket_address("relative/path") is None
     assert sdnotify.socket_address("vsock:2:1234") is None
     n = sdnotify.Notifier("relative/path")
-    assert not n.enabled and n.ready() is False
+    assert not n.enabled and n.notify(READY=1) is False
 
 
 def test_a_manager_that_stops_reading_does_not_block_the_caller(listener: NotifySocket) -> None:
     n = sdnotify.Notifier(listener.name)
     # Nobody reads: the queue fills, and then a send times out instead of blocking the main loop.
     for _ in range(100_000):
-        if not n.watchdog():
+        if not n.notify(WATCHDOG=1):
             break
     else:
         pytest.fail("the receive queue never filled")
     assert listener.drain()  # and the socket works again once it is read
-    assert n.watchdog()
+    assert n.notify(WATCHDOG=1)
 
 
 # --- real agents ----------------------------------------------------------------------------------
