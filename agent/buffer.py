@@ -952,27 +952,11 @@ class Buffer:
         with self._rlock:
             db = self._reader()
             try:
-                db.execute("BEGIN")  # one snapshot for every class
-                try:
-                    for cls in RecordClass:
-                        t = _table(cls)
-                        records, nbytes = db.execute(
-                            f"SELECT count(*), coalesce(sum(length(payload)), 0) FROM {t}"
-                        ).fetchone()
-                        oldest = db.execute(f"SELECT ts FROM {t} ORDER BY seq LIMIT 1").fetchone()
-                        classes[str(cls)] = {
-                            "records": records,
-                            "bytes": nbytes,
-                            "oldest_ts": oldest[0] if oldest else None,
-                            "priority": self._prio[cls],
-                            "acked": {"records": 0, "bytes": 0},
-                        }
-                    for cls, records, nbytes in db.execute("SELECT cls, records, bytes FROM acked"):
-                        classes[cls]["acked"] = {"records": records, "bytes": nbytes}
-                finally:
-                    db.execute("COMMIT")
+                classes = class_counts(db)
             except sqlite3.Error as e:
                 raise BufferUnavailable(f"cannot read {self.path}: {e}") from e
+        for cls in RecordClass:
+            classes[str(cls)]["priority"] = self._prio[cls]
         dropped: dict[str, dict[str, dict[str, int]]] = {}
         with self._lock:
             for (name, reason), (r, b) in sorted(self._dropped.items()):
@@ -987,6 +971,37 @@ class Buffer:
             "size_bytes": self.size_bytes(),
             "budget_bytes": self._budget,
         }
+
+
+def class_counts(db: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+    """Per class, in one snapshot: records, payload bytes, the oldest record's ts and the acked
+    (uploaded) totals. Shared by :meth:`Buffer.stats` and ``edge-agent status``, which reads the file
+    of a running agent read-only; a class whose table does not exist yet is left out."""
+    classes: dict[str, dict[str, Any]] = {}
+    db.execute("BEGIN")
+    try:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for cls in RecordClass:
+            t = _table(cls)
+            if t not in tables:
+                continue
+            records, nbytes = db.execute(
+                f"SELECT count(*), coalesce(sum(length(payload)), 0) FROM {t}"
+            ).fetchone()
+            oldest = db.execute(f"SELECT ts FROM {t} ORDER BY seq LIMIT 1").fetchone()
+            classes[str(cls)] = {
+                "records": records,
+                "bytes": nbytes,
+                "oldest_ts": oldest[0] if oldest else None,
+                "acked": {"records": 0, "bytes": 0},
+            }
+        if "acked" in tables:
+            for cls, records, nbytes in db.execute("SELECT cls, records, bytes FROM acked"):
+                if cls in classes:
+                    classes[cls]["acked"] = {"records": records, "bytes": nbytes}
+    finally:
+        db.execute("COMMIT")
+    return classes
 
 
 # One statement for every class's priority groups (see Buffer._groups).

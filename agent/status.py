@@ -22,8 +22,7 @@ from typing import Any, TypeVar
 
 import psutil
 
-from agent import runinfo
-from agent.buffer import RecordClass, _table
+from agent import buffer, runinfo
 
 #: run.json not rewritten for this long (the daemon rewrites it every second) means the process that
 #: wrote it is wedged, or the pid now belongs to another process: either way, no agent is running.
@@ -262,36 +261,22 @@ def _active_digest(store: Path) -> str | None:
 
 
 def _buffer(db: sqlite3.Connection, path: Path) -> dict[str, Any]:
-    classes: dict[str, dict[str, Any]] = {}
+    classes = {
+        cls: {
+            "records": c["records"],
+            "bytes": c["bytes"],
+            "oldest": _iso(c["oldest_ts"]) if c["oldest_ts"] is not None else None,
+            "uploaded": c["acked"],
+        }
+        for cls, c in buffer.class_counts(db).items()
+    }
     dropped: dict[str, dict[str, dict[str, int]]] = {}
-    db.execute("BEGIN")  # one snapshot, as Buffer.stats() reads it
-    try:
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        for cls in RecordClass:
-            t = _table(cls)
-            if t not in tables:
-                continue
-            records, nbytes = db.execute(
-                f"SELECT count(*), coalesce(sum(length(payload)), 0) FROM {t}"
-            ).fetchone()
-            oldest = db.execute(f"SELECT ts FROM {t} ORDER BY seq LIMIT 1").fetchone()
-            classes[str(cls)] = {
-                "records": records,
-                "bytes": nbytes,
-                "oldest": _iso(oldest[0]) if oldest else None,
-                "uploaded": {"records": 0, "bytes": 0},
-            }
-        if "acked" in tables:
-            for cls, records, nbytes in db.execute("SELECT cls, records, bytes FROM acked"):
-                if cls in classes:
-                    classes[cls]["uploaded"] = {"records": records, "bytes": nbytes}
-        if "dropped" in tables:
-            for cls, reason, records, nbytes in db.execute(
-                "SELECT cls, reason, records, bytes FROM dropped ORDER BY cls, reason"
-            ):
-                dropped.setdefault(cls, {})[reason] = {"records": records, "bytes": nbytes}
-    finally:
-        db.execute("COMMIT")
+    # The buffer keeps its drop counters in memory and writes them here: what a stopped agent left.
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dropped'").fetchone():
+        for cls, reason, records, nbytes in db.execute(
+            "SELECT cls, reason, records, bytes FROM dropped ORDER BY cls, reason"
+        ):
+            dropped.setdefault(cls, {})[reason] = {"records": records, "bytes": nbytes}
     size = 0
     for suffix in ("", "-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
