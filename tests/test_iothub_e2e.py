@@ -62,6 +62,15 @@ class Hub:
         overrides: dict[str, Any] = {"transport": "iothub", "iothub": hub_cfg, "telemetry": {"interval": 0.5}}
         return self.rig.add_device(dev.device_id, overrides).start()
 
+    def running(self, device_id: str) -> tuple[HubDevice, AgentProcess, Path, int]:
+        """A device whose agent runs v1 of its own image: (device, agent, bundle, generation)."""
+        dev = self.device(device_id)
+        agent = self.agent(dev)
+        signed, bundle, gen = self.signed(device_id, "1")
+        self.hub.set_manifest(device_id, signed)
+        self.wait_state(device_id, gen)
+        return dev, agent, bundle, gen
+
     def signed(self, device_id: str, version: str, **over: Any) -> tuple[bytes, Path, int]:
         gen = self.generations.get(device_id, 0) + 1
         self.generations[device_id] = gen
@@ -139,7 +148,8 @@ def test_connection_string_device_is_deployed_by_the_control_plane(hub: Hub) -> 
     status = hub.rig.wait_active(dev.device_id, gen, timeout=TIMEOUT)
     assert status["active"]["sha256"] == hash_file(bundle) == agent.current_image()
     assert hub.hub.twin(dev.device_id)["desired"]["edge"]["manifest"] == signed.decode()
-    assert hub.rig.op.report(dev.device_id, "inventory")["device_id"] == dev.device_id
+    inventory = hub.rig.op.report(dev.device_id, "inventory")
+    assert inventory is not None and inventory["device_id"] == dev.device_id
     online = hub.rig.op.report(dev.device_id, "online")
     assert online is not None and online["online"] is True
 
@@ -190,11 +200,7 @@ def test_edge_deploy_rolls_out_in_waves_to_devices_behind_the_hub(
 
 
 def test_bad_manifests_in_the_twin_are_refused_and_change_nothing(hub: Hub) -> None:
-    dev = hub.device("hub-bad")
-    agent = hub.agent(dev)
-    signed, bundle, gen = hub.signed(dev.device_id, "1")
-    hub.hub.set_manifest(dev.device_id, signed)
-    hub.wait_state(dev.device_id, gen)
+    dev, agent, bundle, gen = hub.running("hub-bad")
 
     hub.hub.set_manifest(dev.device_id, b'{"payloadType": "application/vnd.edge-ml.manifest+json", "pay')
     status = hub.wait_rejected(dev.device_id, "manifest_malformed")
@@ -224,11 +230,7 @@ def test_bad_manifests_in_the_twin_are_refused_and_change_nothing(hub: Hub) -> N
 
 
 def test_a_skipped_twin_version_is_noticed_and_the_twin_read_again(hub: Hub) -> None:
-    dev = hub.device("hub-gap")
-    agent = hub.agent(dev)
-    signed, _b, gen = hub.signed(dev.device_id, "1")
-    hub.hub.set_manifest(dev.device_id, signed)
-    hub.wait_state(dev.device_id, gen)
+    dev, agent, _bundle, _gen = hub.running("hub-gap")
     gets = dev.gets
 
     signed2, bundle2, gen2 = hub.signed(dev.device_id, "2")
@@ -258,11 +260,7 @@ def test_hub_unreachable_at_start_then_back(hub: Hub) -> None:
 
 
 def test_hub_restart_loses_the_session_and_the_agent_subscribes_again(hub: Hub) -> None:
-    dev = hub.device("hub-restart")
-    agent = hub.agent(dev)
-    signed, _b, gen = hub.signed(dev.device_id, "1")
-    hub.hub.set_manifest(dev.device_id, signed)
-    hub.wait_state(dev.device_id, gen)
+    dev, agent, _bundle, _gen = hub.running("hub-restart")
 
     hub.hub.stop_device(dev.device_id)  # the simulated hub keeps no sessions: subscriptions are gone
     assert wait_until(lambda: "iothub.disconnected" in agent.log_text(), TIMEOUT)
