@@ -11,6 +11,7 @@ process) run in a thread pool, so the loop keeps answering health checks. See do
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import os
 import socket
@@ -24,7 +25,7 @@ from typing import Any
 import orjson
 import uvicorn
 
-from agent import __version__
+from agent import __version__, faults
 from agent.log import get_logger
 from agent.metrics import Metrics
 from agent.runtime import LoadedImage, Runtime
@@ -79,6 +80,7 @@ class ScoringApp:
                 )
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        faults.point("api.request")  # on the event loop: a hang here blocks the whole API
         path: str = scope["path"]
         method: str = scope["method"]
         if (
@@ -311,6 +313,19 @@ class ApiServer:
             timeout_keep_alive=30, timeout_graceful_shutdown=10, server_header=False, date_header=False,
         ))  # fmt: skip
         self._thread = threading.Thread(target=self._serve, name="api", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pong_at = time.monotonic()
+
+    def stalled_for(self) -> float:
+        """Seconds since the event loop last ran the callback that this call (like the one before it)
+        schedules: about one tick when it is healthy, growing while the loop is blocked or gone."""
+        if self._loop is not None and self._thread.is_alive():
+            with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
+                self._loop.call_soon_threadsafe(self._pong)
+        return time.monotonic() - self._pong_at
+
+    def _pong(self) -> None:
+        self._pong_at = time.monotonic()
 
     @property
     def url(self) -> str:
@@ -322,7 +337,11 @@ class ApiServer:
     def _serve(self) -> None:
         import uvloop
 
-        uvloop.run(self._server.serve(sockets=[self.sock]))
+        async def serve() -> None:
+            self._loop = asyncio.get_running_loop()
+            await self._server.serve(sockets=[self.sock])
+
+        uvloop.run(serve())
 
     def start(self) -> None:
         self._thread.start()

@@ -114,6 +114,9 @@ class ServiceConfig:
     #: seconds offline: a device without a network must keep serving its last image, not be
     #: restarted by systemd for a slow broker. Keep it below the unit's TimeoutStartSec.
     ready_timeout: float = 20.0
+    #: The scoring API's event loop not running for this long means it is hung (models that run on it
+    #: take milliseconds): the watchdog pings stop, and systemd restarts the agent.
+    api_stall_timeout: float = 30.0
 
 
 @dataclass
@@ -243,6 +246,8 @@ class AgentConfig:
             self._validate_iothub()
         if self.service.ready_timeout <= 0:
             raise ConfigError("service.ready_timeout", "must be > 0")
+        if self.service.api_stall_timeout <= 0:
+            raise ConfigError("service.api_stall_timeout", "must be > 0")
         if not 0 < self.mqtt.port < 65536:
             raise ConfigError("mqtt.port", f"{self.mqtt.port} is not a TCP port")
         if "/" in self.mqtt.prefix or "+" in self.mqtt.prefix or "#" in self.mqtt.prefix:

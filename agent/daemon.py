@@ -305,6 +305,9 @@ class _Service:
 
     def _problem(self) -> str | None:
         """Why the agent is unhealthy (and the watchdog must starve), or None."""
+        api_stall = self.agent.serving.api_stalled_for()
+        if api_stall >= self.agent.cfg.service.api_stall_timeout:
+            return f"the scoring API's event loop has not run for {api_stall:.0f} s"
         if self.agent.deployer.intake_free():
             self._intake_free_at = time.monotonic()
             return None

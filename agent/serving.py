@@ -78,6 +78,10 @@ class Serving:
             self.api = ApiServer(app, self.cfg.api.listen)
             self.api.start()
 
+    def api_stalled_for(self) -> float:
+        """How long the API's event loop has not run (0 without an API): for the watchdog."""
+        return self.api.stalled_for() if self.api is not None else 0.0
+
     def stop(self) -> None:
         if self.api is not None:
             self.api.stop()  # lets requests in flight finish

@@ -5,6 +5,7 @@ with a request in flight)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -411,6 +412,37 @@ def test_a_hung_main_loop_stops_the_watchdog_pings(rig: Rig, notify: NotifySocke
         agent.proc.send_signal(signal.SIGABRT)
         assert agent.wait(30) == -signal.SIGABRT
         assert "in _block_forever" in agent.log_text()
+    finally:
+        agent.kill()
+
+
+def test_a_hung_scoring_api_stops_the_watchdog_pings(rig: Rig, notify: NotifySocket) -> None:
+    """The main loop is fine, but the API's event loop is blocked: the device no longer serves, and
+    that too must end in a restart."""
+    agent = start_agent(
+        rig,
+        "dev-sd-api-hung",
+        notify,
+        {"service": {"api_stall_timeout": 1.0}},
+        EDGE_FAULT_HANG_AT="api.request",
+    )
+    try:
+        notify.wait_for(lambda m: m.get("WATCHDOG") == "1", 30, "a first WATCHDOG=1")
+        doc = wait_until(lambda: (d := runinfo.read(agent.state_dir)) and d.get("api") and d, 10, "run.json")
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.get(doc["api"] + "/v2/health/live", timeout=0.5)  # this request blocks the loop
+        wait_until(lambda: '"fault.hang"' in agent.log_text(), 30, "the hang")
+        unhealthy = notify.wait_for(
+            lambda m: m.get("STATUS", "").startswith("unhealthy: the scoring API's event loop"),
+            15,
+            "unhealthy",
+        )
+        assert "WATCHDOG" not in unhealthy
+        deadline = time.monotonic() + 3.0
+        while (left := deadline - time.monotonic()) > 0:
+            msg = notify.recv(left)
+            assert msg is None or "WATCHDOG" not in msg, msg
+        assert agent.running
     finally:
         agent.kill()
 
