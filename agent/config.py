@@ -341,6 +341,10 @@ class AgentConfig:
             raise ConfigError("iothub.hostname", "X.509 needs hostname, cert and key")
         if not 5 <= hub.keepalive <= 1740:
             raise ConfigError("iothub.keepalive", "must be between 5 and 1740 seconds (IoT Hub's limit)")
+        if hub.sastoken_ttl < 300:
+            raise ConfigError(
+                "iothub.sastoken_ttl", "must be >= 300 s (the SDK renews a token 120 s before it expires)"
+            )
         if hub.request_timeout <= 0:
             raise ConfigError("iothub.request_timeout", "must be > 0")
         if hub.reconnect_min <= 0 or hub.reconnect_max < hub.reconnect_min:

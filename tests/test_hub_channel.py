@@ -126,6 +126,7 @@ def test_iothub_config_with_x509(tmp_path: Path) -> None:
         ('[iothub]\nconnection_string_file = "cs"\nkeepalive = "often"\n', "iothub.keepalive", "integer"),
         ('[iothub]\nconnection_string_file = "cs"\nkeepalive = 2\n', "iothub.keepalive", "between 5"),
         ('[iothub]\nconnection_string_file = "cs"\nport = 443\n', "iothub.port", "unknown setting"),
+        ('[iothub]\nconnection_string_file = "cs"\nsastoken_ttl = 60\n', "iothub.sastoken_ttl", ">= 300"),
     ],
 )  # fmt: skip
 def test_bad_iothub_config_names_the_field(tmp_path: Path, body: str, field: str, needle: str) -> None:
