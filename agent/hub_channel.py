@@ -367,7 +367,10 @@ class HubChannel:
     # --- SDK callbacks (the SDK's handler thread) ----------------------------------------------
 
     def _on_state_change(self) -> None:
-        if not self._client.connected:
+        # Both ways: the SDK reconnects by itself to renew a SAS token, between two of our checks.
+        if self._client.connected:
+            self._connected.set()
+        else:
             self._connected.clear()
             log.warning("iothub.disconnected", endpoint=self.endpoint)
         with self._lock:
