@@ -370,7 +370,7 @@ class HubChannel:
         # Both ways: the SDK reconnects by itself to renew a SAS token, between two of our checks.
         if self._client.connected:
             self._connected.set()
-        else:
+        elif self._connected.is_set():  # once per loss: an old client's shutdown calls this too
             self._connected.clear()
             log.warning("iothub.disconnected", endpoint=self.endpoint)
         with self._lock:

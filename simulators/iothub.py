@@ -220,12 +220,17 @@ class IotHubSim:
         dev.broker.start()
         client = mqtt.Client(client_id=f"hub-responder-{device_id}", protocol=mqtt.MQTTv311)
         client.user_data_set(dev)
+        subscribed = threading.Event()
         client.on_connect = self._on_responder_connect
+        client.on_subscribe = lambda *_: subscribed.set()
         client.on_message = self._on_device_message
         client.reconnect_delay_set(1, 2)
         client.connect("127.0.0.1", dev.broker.inside_port, keepalive=30)
         client.loop_start()
         dev.client = client
+        # A device that connects before the responder listens would wait for its twin in vain.
+        if not subscribed.wait(10.0):
+            raise RuntimeError(f"the hub's responder for {device_id} did not subscribe within 10 s")
 
     def stop_device(self, device_id: str) -> None:
         """The hub goes away for this device (its broker and responder stop)."""

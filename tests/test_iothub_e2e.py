@@ -263,9 +263,12 @@ def test_hub_restart_loses_the_session_and_the_agent_subscribes_again(hub: Hub) 
     dev, agent, _bundle, _gen = hub.running("hub-restart")
 
     hub.hub.stop_device(dev.device_id)  # the simulated hub keeps no sessions: subscriptions are gone
-    assert wait_until(lambda: "iothub.disconnected" in agent.log_text(), TIMEOUT)
-    hub.hub.start_device(dev.device_id)
+    assert wait_until(
+        lambda: "iothub.disconnected" in agent.log_text() or "iothub.session_lost" in agent.log_text(),
+        TIMEOUT,
+    )
     gets = dev.gets
+    hub.hub.start_device(dev.device_id)
     assert wait_until(lambda: dev.gets > gets, TIMEOUT), agent.log_text()[-3000:]  # the twin is read again
     signed2, bundle2, gen2 = hub.signed(dev.device_id, "2")
     hub.hub.set_manifest(dev.device_id, signed2)
