@@ -235,9 +235,6 @@ class HubChannel:
             self._heartbeats.append(doc)
             self._wake.notify_all()
 
-    def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
-
     def stop(self) -> None:
         """Report online=false (and the last status) if the hub is reachable, then disconnect."""
         self._report("online", self._online_doc(False, "shutdown"))

@@ -99,9 +99,6 @@ class MqttChannel:
         if self._connected.is_set():  # a stale heartbeat is worth nothing: never queue one while offline
             self._client.publish(self.topics.heartbeat, _json(doc), qos=0, retain=False)
 
-    def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
-
     def stop(self) -> None:
         if self._connected.is_set():
             info = self._client.publish(
