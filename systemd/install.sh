@@ -370,8 +370,8 @@ if [ -z "$wheel" ] && [ -z "$source_dir" ] && [ -z "$wheelhouse" ]; then
     usage_error "this script is not in a checkout: name the agent with --wheel, --source or --wheelhouse"
 fi
 
-# What goes into pip, as one digest: the same digest as last time means the same install.
-source_digest() { # DIR: pyproject plus every top-level package, the files pip would take
+# The files pip takes from a checkout: pyproject plus every top-level package.
+source_files() { # DIR
   local dir=$1 d
   {
     for f in pyproject.toml setup.py setup.cfg README.md; do
@@ -381,7 +381,11 @@ source_digest() { # DIR: pyproject plus every top-level package, the files pip w
       [ -f "$d/__init__.py" ] || continue
       (cd "$dir" && find "$(basename "$d")" -type f ! -path '*/__pycache__/*' ! -name '*.pyc')
     done
-  } | LC_ALL=C sort | (cd "$dir" && tr '\n' '\0' | xargs -0 -r sha256sum) | sha256sum | cut -c1-64
+  } | LC_ALL=C sort
+}
+# What goes into pip, as one digest: the same digest as last time means the same install.
+source_digest() { # DIR
+  source_files "$1" | (cd "$1" && tr '\n' '\0' | xargs -0 -r sha256sum) | sha256sum | cut -c1-64
 }
 if [ -n "$wheel" ]; then
   target=$(cd "$(dirname "$wheel")" && pwd)/$(basename "$wheel")
@@ -406,8 +410,12 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] && [ -x "$venv/bin/edge-
 else
   pip=("$venv/bin/python" -m pip --disable-pip-version-check --no-input)
   if [ -n "$source_dir" ]; then
-    # Built once into a wheel, so that both passes below install the very same build.
-    "${pip[@]}" wheel --quiet --no-deps --wheel-dir "$tmp/wheel" "${pip_index[@]}" "${pip_extra[@]}" "$target" ||
+    # Built once into a wheel, so that both passes below install the very same build, and from a
+    # copy: the build writes build/ and *.egg-info, and the checkout may be read-only or someone's.
+    mkdir "$tmp/src"
+    source_files "$target" | tar -C "$target" -cf - -T - | tar -C "$tmp/src" -xf - ||
+      fail "cannot copy the sources of $target"
+    "${pip[@]}" wheel --quiet --no-deps --wheel-dir "$tmp/wheel" "${pip_index[@]}" "${pip_extra[@]}" "$tmp/src" ||
       fail "building the agent from $target failed"
     target=$(find "$tmp/wheel" -name 'edge_ml-*.whl' | head -n 1)
     [ -n "$target" ] || fail "pip built no edge_ml wheel from $source_dir"

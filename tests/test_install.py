@@ -359,9 +359,11 @@ def test_a_real_install_from_the_checkout_runs_and_connects(tmp_path: Path) -> N
             "--cert", str(cert.cert_path), "--key", str(cert.key_path),
             "--trust-key", str(tmp_path / "keys" / "signing.pub"),
         ]  # fmt: skip
+        built_before = (ROOT / "build").exists()
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env)
         assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
         assert "package edge-ml: installed" in r.stdout
+        assert (ROOT / "build").exists() == built_before  # built from a copy: the checkout is untouched
 
         bin_dir = root / "opt" / "edge-agent" / "venv" / "bin"
         config = root / "etc" / "edge-agent" / "agent.toml"
