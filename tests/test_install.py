@@ -3,9 +3,9 @@ modes, that the installed agent validates its config, that a second run changes 
 operator's config is never overwritten, what --uninstall keeps and --purge removes, and that bad
 flags are refused with exit status 2.
 
-One test installs for real, with no shortcut: from this checkout, with every dependency from the
-package index, and then runs the installed agent against a real broker (about 30 s). The others
-take two shortcuts that keep them fast and offline, and neither touches what the installer does:
+Two tests install for real, with no shortcut. One installs from this checkout with every
+dependency from the package index, then runs the installed agent against a real broker (about
+30 s). The other installs offline from a wheelhouse (about 25 s). The others take two shortcuts that keep them fast and offline, and neither touches what the installer does:
 
 - The agent is installed from a wheel of this checkout that the test zips itself (pip's build of
   the source needs setuptools from the index, in an isolated build environment: seconds, network).
@@ -394,3 +394,36 @@ def test_a_real_install_from_the_checkout_runs_and_connects(tmp_path: Path) -> N
             rc = agent.wait(timeout=60)
             log.close()
         assert rc == 0, (tmp_path / "agent.log").read_text()[-3000:]
+
+
+def test_an_offline_install_from_a_wheelhouse(tmp_path: Path) -> None:
+    """An offline device: the wheels are made on a connected machine (here, from the package index),
+    and the installer takes everything from that directory. An unreachable index in the
+    environment shows that pip does not ask one."""
+    src = tmp_path / "src"  # a copy, so that building the wheel leaves nothing in the checkout
+    shutil.copytree(
+        ROOT, src, ignore=shutil.ignore_patterns(".*", "node_modules", "build", "*.egg-info", "tests")
+    )
+    wheelhouse = tmp_path / "wheelhouse"
+    made = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheelhouse), str(src)],
+        capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr[-3000:]
+    signer.create_keypair(tmp_path / "keys")
+    root = tmp_path / "root"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGE_AGENT_", "PIP_"))}
+    env["PIP_INDEX_URL"] = "http://127.0.0.1:9/simple/"  # nothing listens on the discard port
+    cmd = [
+        "bash", str(INSTALL), "--root", str(root), "--user", USER, "--wheelhouse", str(wheelhouse),
+        "--device-id", "dev-offline", "--broker", "127.0.0.1:8883",
+        "--trust-key", str(tmp_path / "keys" / "signing.pub"),
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}"
+    assert "package edge-ml: installed" in r.stdout
+    assert installed_check_config(root)["device_id"] == "dev-offline"
+    python = root / "opt" / "edge-agent" / "venv" / "bin" / "python"
+    probe = "import onnxruntime, azure.iot.device, paho.mqtt, agent; print(agent.__file__)"
+    where = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, timeout=60, cwd=root)
+    assert where.returncode == 0 and where.stdout.startswith(str(root)), where.stderr
