@@ -5,7 +5,8 @@ flags are refused with exit status 2.
 
 Two tests install for real, with no shortcut. One installs from this checkout with every
 dependency from the package index, then runs the installed agent against a real broker (about
-30 s). The other installs offline from a wheelhouse (about 25 s). The others take two shortcuts that keep them fast and offline, and neither touches what the installer does:
+30 s). The other installs offline from a wheelhouse (about 25 s). The others take two shortcuts
+that keep them fast and offline, and neither touches what the installer does:
 
 - The agent is installed from a wheel of this checkout that the test zips itself (pip's build of
   the source needs setuptools from the index, in an isolated build environment: seconds, network).
