@@ -222,6 +222,8 @@ class Agent:
         return 0
 
 
+#: run.json is rewritten at least this often while nothing in it changes; status.STALE_AFTER_S is 60.
+_RUNINFO_REFRESH_S = 15.0
 #: Slack on top of a known bound (init_timeout, ready_timeout) when extending the start timeout.
 _START_MARGIN_S = 30.0
 #: The deployer's intake lock held this long means the intake is wedged (it is held for the
@@ -247,6 +249,8 @@ class _Service:
         self._intake_free_at = time.monotonic()
         self._generation: tuple[tuple[str, int], int | None] | None = None
         self._runinfo_failing = False
+        self._runinfo_last: dict[str, Any] | None = None
+        self._runinfo_at = 0.0
 
     def channel_started(self) -> None:
         self._channel_started = time.monotonic()
@@ -290,11 +294,16 @@ class _Service:
     def write_runinfo(self, channel: dict[str, Any], serving: dict[str, Any]) -> None:
         doc = {
             "pid": os.getpid(), "version": __version__, "started_at": self.started_at,
-            "updated_at": now_iso(), "ready": self.ready, "status": self.status, "channel": channel,
-            "api": serving.get("api"),
+            "ready": self.ready, "status": self.status, "channel": channel, "api": serving.get("api"),
         }  # fmt: skip
+        # The state directory is often an SD card: write when something changed, and otherwise only
+        # often enough that a reader can tell a live agent from a wedged one (status.STALE_AFTER_S).
+        now = time.monotonic()
+        if doc == self._runinfo_last and now - self._runinfo_at < _RUNINFO_REFRESH_S:
+            return
         try:
-            runinfo.write(self.agent.cfg.state_dir, doc)
+            runinfo.write(self.agent.cfg.state_dir, {**doc, "updated_at": now_iso()})
+            self._runinfo_last, self._runinfo_at = doc, now
         except OSError as exc:
             # Informational only: a full disk must not stop the watchdog pings or the serving.
             if not self._runinfo_failing:

@@ -1,6 +1,7 @@
 """``<state_dir>/run.json``: what the running agent is doing now, for ``edge-agent status``.
 
-The daemon rewrites it (atomically) on every tick of its main loop. Fields::
+The daemon rewrites it (atomically) from its main loop when something in it changed, and at least
+every 15 s. Fields::
 
     pid, version, started_at, updated_at   the process, and when it last wrote this file
     ready                                  READY=1 was sent (connected and serving, or offline too long)

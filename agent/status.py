@@ -24,7 +24,7 @@ import psutil
 
 from agent import buffer, runinfo
 
-#: run.json not rewritten for this long (the daemon rewrites it every second) means the process that
+#: run.json not rewritten for this long (the daemon rewrites it at least every 15 s) means the process that
 #: wrote it is wedged, or the pid now belongs to another process: either way, no agent is running.
 STALE_AFTER_S = 60.0
 #: A process created this long after run.json's started_at cannot be the one that wrote it.

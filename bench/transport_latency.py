@@ -41,9 +41,7 @@ def main() -> int:
         work = Path(tmp)
         with Rig(work / "rig") as rig, IotHubSim(work / "hub") as hub:
             dev = hub.add_device("bench-hub")
-            cs = work / "cs"
-            cs.write_text(dev.connection_string)
-            hub_cfg = {"connection_string_file": str(cs), "ca": str(hub.ca_path)}
+            hub_cfg = dev.agent_section(hub.ca_path)
             agents = {
                 "mqtt": rig.add_device("bench-mqtt").start(),
                 "iothub": rig.add_device("bench-hub", {"transport": "iothub", "iothub": hub_cfg}).start(),

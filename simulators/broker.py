@@ -322,6 +322,14 @@ class Mosquitto:
         if self.autosave_changes:
             lines += ["autosave_on_changes true", f"autosave_interval {self.autosave_changes}"]
         lines += [
+            *self._process_lines(),
+            "max_queued_messages 10000",
+            "persistent_client_expiration 1d",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def _process_lines(self) -> list[str]:
+        return [
             # Started as root, mosquitto otherwise drops to user "mosquitto", which cannot write the
             # persistence database in our work directory. Ignored when not started as root.
             "user root",
@@ -330,10 +338,7 @@ class Mosquitto:
             "log_type warning",
             "log_type notice",
             "log_type information",
-            "max_queued_messages 10000",
-            "persistent_client_expiration 1d",
         ]
-        return "\n".join(lines) + "\n"
 
     def _write_config(self) -> None:
         if self.tls:

@@ -300,15 +300,7 @@ def _hub(args: argparse.Namespace) -> int:
     with IotHubSim(args.workdir.absolute(), bridge=bridge) as hub:
         for device_id in args.device:
             dev = hub.add_device(device_id, x509=args.x509)
-            section: dict[str, str] = {"ca": str(hub.ca_path)}
-            if dev.cert is not None:
-                section |= {
-                    "hostname": dev.address,
-                    "cert": str(dev.cert.cert_path),
-                    "key": str(dev.cert.key_path),
-                }
-            else:
-                section["connection_string"] = dev.connection_string
+            section = dev.agent_section(hub.ca_path)
             print(json.dumps({"device_id": device_id, "address": f"{dev.address}:8883", "iothub": section}),
                   flush=True)  # fmt: skip
         stop.wait()

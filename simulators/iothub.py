@@ -122,12 +122,7 @@ class HubBroker(Mosquitto):
             f"listener {self.inside_port} 127.0.0.1",
             "allow_anonymous true",
             "persistence false",
-            "user root",
-            f"log_dest file {self.log_path}",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-            "log_type information",
+            *self._process_lines(),
         ]
         return "\n".join(lines) + "\n"
 
@@ -151,6 +146,13 @@ class HubDevice:
     @property
     def connection_string(self) -> str:
         return f"HostName={self.address};DeviceId={self.device_id};SharedAccessKey={self.key}"
+
+    def agent_section(self, ca: Path) -> dict[str, str]:
+        """The agent's ``[iothub]`` settings for this device: X.509 files, or the connection string."""
+        if self.cert is not None:
+            return {"ca": str(ca), "hostname": self.address, "cert": str(self.cert.cert_path),
+                    "key": str(self.cert.key_path)}  # fmt: skip
+        return {"ca": str(ca), "connection_string": self.connection_string}
 
     def twin(self) -> dict[str, Any]:
         return {

@@ -46,14 +46,12 @@ class Hub:
         return dev
 
     def agent(self, dev: HubDevice) -> AgentProcess:
-        hub_cfg: dict[str, Any] = {"ca": str(self.hub.ca_path), "reconnect_min": 0.2, "reconnect_max": 1.0}
-        if dev.cert is not None:
-            hub_cfg |= {
-                "hostname": dev.address,
-                "cert": str(dev.cert.cert_path),
-                "key": str(dev.cert.key_path),
-            }
-        else:
+        hub_cfg: dict[str, Any] = {
+            **dev.agent_section(self.hub.ca_path),
+            "reconnect_min": 0.2,
+            "reconnect_max": 1.0,
+        }
+        if hub_cfg.pop("connection_string", None):  # SAS: from a file, as the installer lays it out
             cs = self.rig.workdir / "devices" / dev.device_id / "connection-string"
             cs.parent.mkdir(parents=True, exist_ok=True)
             cs.write_text(dev.connection_string + "\n")

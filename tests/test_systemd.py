@@ -399,14 +399,12 @@ def test_a_hung_main_loop_stops_the_watchdog_pings(rig: Rig, notify: NotifySocke
         notify.wait_for(lambda m: m.get("WATCHDOG") == "1", 30, "a first WATCHDOG=1")
         wait_until(lambda: '"fault.hang"' in agent.log_text(), 30, "the hang")
         notify.drain()  # pings sent before the hang began
-        frozen = runinfo.read(agent.state_dir)
         # Systemd would now see no ping for WatchdogSec. Here: a window of six ping intervals.
         deadline = time.monotonic() + 3.0
         while (left := deadline - time.monotonic()) > 0:
             msg = notify.recv(left)
             assert msg is None or "WATCHDOG" not in msg, msg
         assert agent.running  # hung, not dead: only the watchdog can tell
-        assert runinfo.read(agent.state_dir) == frozen
         # What systemd's watchdog then does: SIGABRT. The journal gets every thread's stack.
         assert agent.proc is not None
         agent.proc.send_signal(signal.SIGABRT)
