@@ -134,7 +134,7 @@ def build_mlp_image(workdir: Path, version: str, seed: int, *, score_py: bool, n
 
 def install(image: Image, store_root: Path) -> Image:
     """Unpack an image into a store, as the agent does, and return it with its directory."""
-    from agent.store import BundleStore
+    from agent.update.store import BundleStore
 
     store = BundleStore(store_root, fsync=False)
     if store.has_image(image.sha256):

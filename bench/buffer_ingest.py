@@ -16,11 +16,11 @@ with JSON whitespace to the exact size), written two ways into a fresh file each
 - **raw** (the baseline): one thread, one ``sqlite3`` connection, ``(time.time(), None, payload)``
   tuples built in the same loop, and every 1000 of them (the buffer's ``batch_max``) one
   ``BEGIN IMMEDIATE; executemany(INSERT ... VALUES (?, ?, ?)); COMMIT``. The table is the buffer's
-  own ``records_capture``, in a file created by :class:`agent.buffer.Buffer` (same page size,
+  own ``records_capture``, in a file created by :class:`agent.telemetry.buffer.Buffer` (same page size,
   ``auto_vacuum``, schema), opened with the same PRAGMAs as the buffer's writer: ``journal_mode=WAL``,
   the same ``synchronous``, ``secure_delete=FAST``, and the ``wal_autocheckpoint`` and
   ``journal_size_limit`` the buffer computes from its budget.
-- **buffer**: ``Buffer.put(RecordClass.CAPTURE, payload)`` (bytes, as ``agent/capture.py`` puts
+- **buffer**: ``Buffer.put(RecordClass.CAPTURE, payload)`` (bytes, as ``agent/telemetry/capture.py`` puts
   them) for every record from one thread in a tight loop, then ``flush()``, which returns once every
   record is committed. ``start()`` (open, migrate) happens before the clock starts, as the raw side's
   connect does. The buffer's settings are the agent's defaults except ``queue_max`` and
@@ -61,7 +61,7 @@ import benchlib as bl
 import numpy as np
 import orjson
 
-from agent.buffer import Buffer, RecordClass
+from agent.telemetry.buffer import Buffer, RecordClass
 
 TARGET_RATIO = 0.65
 BATCH = 1000  # the buffer's batch_max default: records per raw transaction

@@ -62,8 +62,8 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from agent.config import DownloadConfig  # noqa: E402
-from agent.fetch import Fetcher  # noqa: E402
-from agent.store import BundleStore  # noqa: E402
+from agent.update.fetch import Fetcher  # noqa: E402
+from agent.update.store import BundleStore  # noqa: E402
 from deploy.bundle import build  # noqa: E402
 from simulators.bundle_server import BundleServer  # noqa: E402
 

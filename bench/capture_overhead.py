@@ -9,12 +9,12 @@ Run by hand from the repository root (not part of CI, not a pytest test)::
 The requirement: scoring throughput with capture at rate 1.0 against capture off; target >= 95%.
 
 The servers run side by side, each in a process of its own (this script's hidden ``serve``
-subcommand), each the agent's real serving path: :class:`agent.serving.Serving` (a ``Runtime`` with
+subcommand), each the agent's real serving path: :class:`agent.serving.activation.Serving` (a ``Runtime`` with
 the benchmark MLP image loaded, ``Scorer``, ``Metrics``, the ``ScoringApp`` ASGI app behind
-``ApiServer``: uvicorn, httptools, uvloop), and a :class:`agent.buffer.Buffer` started with the
+``ApiServer``: uvicorn, httptools, uvloop), and a :class:`agent.telemetry.buffer.Buffer` started with the
 agent's settings (``telemetry.db`` in the state directory, ``telemetry.buffer_budget_bytes`` =
 256 MiB unless ``--budget-mib``, ``flush_interval`` 0.2 s, ``max_record_bytes`` 1 MiB), as
-``agent/daemon.py`` makes it. The only difference:
+``agent/ops/daemon.py`` makes it. The only difference:
 
 - **capture off**: the loaded image has no capturer (the buffer is started and idle, as in an agent
   whose deployment does not collect data).
@@ -86,18 +86,18 @@ class NullSink:
 
 
 def serve(args: argparse.Namespace) -> None:
-    from agent import log as log_mod
-    from agent.buffer import Buffer
-    from agent.capture import Capturer, CaptureSettings, RecordSink
     from agent.config import AgentConfig, ApiConfig, TelemetryConfig
-    from agent.serving import Serving
+    from agent.serving.activation import Serving
+    from agent.telemetry.buffer import Buffer
+    from agent.telemetry.capture import Capturer, CaptureSettings, RecordSink
+    from edge_core import log as log_mod
 
     log_mod.setup("warning")
     state: Path = args.state_dir
     state.mkdir(parents=True, exist_ok=True)
     tc = TelemetryConfig(buffer_budget_bytes=args.budget_mib * MIB)
     cfg = AgentConfig(device_id="bench-001", state_dir=state, api=ApiConfig(listen=args.listen), telemetry=tc)
-    buffer = Buffer(  # as agent/daemon.py makes it
+    buffer = Buffer(  # as agent/ops/daemon.py makes it
         state / "telemetry.db",
         budget_bytes=tc.buffer_budget_bytes,
         flush_interval_s=tc.flush_interval,

@@ -158,9 +158,9 @@ def main(argv: list[str] | None = None) -> int:
 def bench(workdir: Path, args: argparse.Namespace, client: str) -> int:
     import onnxruntime as ort
 
-    from agent.metrics import Metrics
-    from agent.runtime import Runtime, RuntimeSettings
-    from agent.scoring import Scorer
+    from agent.serving.runtime import Runtime, RuntimeSettings
+    from agent.serving.scoring import Scorer
+    from agent.telemetry.metrics import Metrics
 
     t_start = time.monotonic()
     bg = bl.MachineLoad()

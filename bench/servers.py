@@ -7,12 +7,12 @@
 
 Each prints ``LISTENING http://127.0.0.1:PORT`` once it accepts connections, and runs until SIGTERM.
 
-- ``agent``: the agent's real serving stack, :class:`agent.serving.Serving` (Runtime, Scorer,
-  Metrics, the thread pool and :class:`agent.api.ApiServer`: uvicorn, httptools, uvloop), with an
+- ``agent``: the agent's real serving stack, :class:`agent.serving.activation.Serving` (Runtime, Scorer,
+  Metrics, the thread pool and :class:`agent.serving.api.ApiServer`: uvicorn, httptools, uvloop), with an
   installed image loaded, smoke-tested and swapped in exactly as ``Serving.prepare`` and ``commit``
-  do; an image with ``score.py`` gets its :class:`agent.worker.WorkerPool` of ``runtime.workers``
+  do; an image with ``score.py`` gets its :class:`agent.serving.worker.WorkerPool` of ``runtime.workers``
   processes. Only MQTT and the deployer are left out.
-- ``uvicorn``: :class:`agent.api.ApiServer` itself (same uvicorn settings, same thread and loop)
+- ``uvicorn``: :class:`agent.serving.api.ApiServer` itself (same uvicorn settings, same thread and loop)
   serving an ASGI app that reads the body and answers a fixed response: the HTTP floor of the
   agent's stack, without routing, JSON, tensors, metrics or inference.
 - ``raw``: a uvloop ``asyncio.Protocol`` that answers a fixed response once a request's head and
@@ -45,9 +45,9 @@ def _wait_for_sigterm() -> None:
 
 
 def serve_agent(args: argparse.Namespace) -> None:
-    from agent import log as log_mod
     from agent.config import AgentConfig, ApiConfig, RuntimeConfig
-    from agent.serving import Serving
+    from agent.serving.activation import Serving
+    from edge_core import log as log_mod
 
     log_mod.setup(args.log_level)
     cfg = AgentConfig(
@@ -70,8 +70,8 @@ def serve_agent(args: argparse.Namespace) -> None:
 
 
 def serve_uvicorn(args: argparse.Namespace) -> None:
-    from agent import log as log_mod
-    from agent.api import ApiServer, ScoringApp
+    from agent.serving.api import ApiServer, ScoringApp
+    from edge_core import log as log_mod
 
     log_mod.setup("warning")
     body: bytes = args.response_file.read_bytes()

@@ -7,7 +7,7 @@ Run by hand from the repository root (not part of CI, not a pytest test)::
     .venv/bin/python bench/swap_under_load.py --rate 0      # closed loop: as fast as the agent answers
 
 The rig is ``simulators.rig.Rig``: a real mosquitto broker with mutual TLS, the local bundle server
-and one real ``edge-agent`` process (``python -m agent.cli run``), deployed to with signed
+and one real ``edge-agent`` process (``python -m agent.ops.cli run``), deployed to with signed
 manifests over MQTT exactly as in production. Images are the issue's MLP (64 -> 256 -> 256 -> 10,
 ``simulators.models.mlp``) built with ``deploy.bundle.build_image``, each from a different seed
 and with a smoke test; ``--images`` (default 3) of them are deployed in turn. With 3 images and

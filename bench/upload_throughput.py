@@ -19,12 +19,12 @@ realistic capture records are made the way the agent makes them: a v2 infer requ
 its own input (1x4: four measurements with one decimal, as an application reading a sensor or a CSV
 sends them; 1x64: float32 values as ``numpy.tolist()`` gives them, 17 significant digits), answered
 by ``Scorer.infer``, and recorded by ``Capturer.record`` (lineage, request id, timestamp, latency,
-status, the request and the response) into a list: the exact bytes ``agent/capture.py`` hands to the
+status, the request and the response) into a list: the exact bytes ``agent/telemetry/capture.py`` hands to the
 buffer.
 
 Each run, per shape:
 
-- **fill** (not timed): a fresh :class:`agent.buffer.Buffer` (the agent's settings, budget 1 GiB so
+- **fill** (not timed): a fresh :class:`agent.telemetry.buffer.Buffer` (the agent's settings, budget 1 GiB so
   that nothing is evicted) gets every record with ``put(CAPTURE, payload, ts=...)``, then ``flush()``.
 - **uploader**: ``Uploader(buffer, open_backend(SAS URL, retries=5, backoff 1-60 s), device_id,
   StateDB(agent.db), batch_max_records=5000, batch_max_bytes=8 MiB)``, the agent's sync defaults,
@@ -41,7 +41,7 @@ Each run, per shape:
   same batches uncompressed, as JSON Lines: what shipping the records without compression costs.
 
 They rotate which goes first. ``--bandwidth B`` caps every side at B bytes/s with the agent's own
-pacing (``open_backend(bandwidth=B)`` for the uploader, ``cloud_sync.backend.paced`` over a
+pacing (``open_backend(bandwidth=B)`` for the uploader, ``cloud_sync.pacing.paced`` over a
 ``TokenBucket`` for the raw loops), to see the uplink as the bottleneck instead of loopback.
 
 Reported: the median records/s and MB/s of raw JSON (the JSON Lines the blobs hold, uncompressed)
@@ -78,14 +78,14 @@ import orjson
 sys.path.insert(0, str(bl.ROOT / "tests"))
 from conftest_blob import Azurite
 
-import cloud_sync.uploader as uploader_mod
-from agent.buffer import Buffer, RecordClass
-from agent.capture import Capturer, CaptureSettings
-from agent.state import StateDB
-from cloud_sync import TokenBucket, open_backend
+import agent.telemetry.uploader as uploader_mod
+from agent.telemetry.buffer import Buffer, RecordClass
+from agent.telemetry.capture import Capturer, CaptureSettings
+from agent.telemetry.uploader import CONTENT_TYPE, Uploader, encode
+from agent.update.state import StateDB
 from cloud_sync.azure import API_VERSION
-from cloud_sync.backend import paced
-from cloud_sync.uploader import CONTENT_TYPE, Uploader, encode
+from cloud_sync.factory import open_backend
+from cloud_sync.pacing import TokenBucket, paced
 
 TARGET_RATIO = 0.8
 TARGET_WIRE = 0.25
@@ -115,8 +115,8 @@ class ListSink:
 
 def make_records(workdir: Path, shape: str, n: int) -> list[tuple[bytes, float]]:
     """``n`` capture records of a v2 request with a 1xK input, made by the agent's own code."""
-    from agent.runtime import Runtime, RuntimeSettings
-    from agent.scoring import Scorer
+    from agent.serving.runtime import Runtime, RuntimeSettings
+    from agent.serving.scoring import Scorer
     from deploy.bundle import build_image
     from simulators.models import mlp
 

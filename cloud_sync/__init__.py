@@ -1,17 +1,5 @@
-"""cloud_sync: blob storage for the agent's telemetry and captured model inputs/outputs.
+"""cloud_sync: a blob storage library (a local directory, Azure Blob Storage, S3), no agent logic.
 
-One small interface (:class:`BlobBackend`) with one backend per module, chosen by URL scheme by
-:func:`open_backend`: a local directory (``local.py``), Azure Blob Storage through a SAS URL
-(``azure.py``) and S3 with Signature Version 4 (``s3.py``). See docs/cloud_sync.md.
+:mod:`cloud_sync.base` is the interface, :mod:`cloud_sync.factory` picks a backend by URL scheme,
+:mod:`cloud_sync.retry` and :mod:`cloud_sync.pacing` wrap any of them. See docs/cloud_sync.md.
 """
-
-from cloud_sync.backend import (
-    BlobBackend,
-    BlobError,
-    RetryingBackend,
-    TokenBucket,
-    check_name,
-    open_backend,
-)
-
-__all__ = ["BlobBackend", "BlobError", "RetryingBackend", "TokenBucket", "check_name", "open_backend"]

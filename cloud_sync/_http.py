@@ -12,8 +12,9 @@ from collections.abc import Iterator
 
 import httpx
 
-from agent.errors import ErrorCode
-from cloud_sync.backend import BlobError, TokenBucket, paced, redact
+from cloud_sync.base import redact
+from cloud_sync.pacing import TokenBucket, paced
+from edge_core.errors import BlobError, ErrorCode
 
 #: Statuses after which the same request can succeed later: the server is overloaded, restarting or
 #: throttling us (Azure's ServerBusy/OperationTimedOut, S3's SlowDown/InternalError).
@@ -81,7 +82,7 @@ class _RedactQuery(logging.Filter):
     """httpx logs every request at INFO with its full URL, SAS token included; strip the query.
 
     Installed on the "httpx" logger once, at import: it only rewrites URLs in records, it never drops
-    one, so it changes nothing else for other httpx users in the process (agent/fetch.py has the same
+    one, so it changes nothing else for other httpx users in the process (agent/update/fetch.py has the same
     secrets in its URLs and benefits too).
     """
 

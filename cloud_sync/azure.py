@@ -34,17 +34,11 @@ from typing import Any
 
 import httpx
 
-from agent.errors import ErrorCode
-from agent.log import get_logger
 from cloud_sync._http import is_retryable_status, make_client, request_body, transport_error
-from cloud_sync.backend import (
-    BlobError,
-    TokenBucket,
-    check_name,
-    check_prefix,
-    normalise_root,
-    redact,
-)
+from cloud_sync.base import check_name, check_prefix, normalise_root, redact
+from cloud_sync.pacing import TokenBucket
+from edge_core.errors import BlobError, ErrorCode
+from edge_core.log import get_logger
 
 log = get_logger("cloud_sync.azure")
 
@@ -206,9 +200,9 @@ class AzureBackend:
             if exc.code != ErrorCode.BLOB_NOT_FOUND:
                 raise
 
-    def download_url(self, name: str) -> str:
+    def download_url(self, name: str, expires_s: int = 0) -> str:
         """The blob's URL with the container's SAS: a device can GET it (with Range) if the SAS grants
-        read (``sp`` has ``r``) and until the SAS expires."""
+        read (``sp`` has ``r``) and until the SAS expires (its ``se``: ``expires_s`` cannot extend it)."""
         return str(self._blob_url(self._root + check_name(name)))
 
     def close(self) -> None:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import urllib.parse
 from pathlib import Path
 
-from agent.errors import ErrorCode
-from agent.store import fsync_dir
-from cloud_sync.backend import BlobError, TokenBucket, check_name, check_prefix, paced
+from cloud_sync.base import check_name, check_prefix
+from cloud_sync.pacing import TokenBucket, paced
+from edge_core.errors import BlobError, ErrorCode
+from edge_core.fsutil import fsync_dir
 
 #: Temporary files of puts in progress start with this; listings skip them and names may not use it.
 TMP_PREFIX = ".cloud-sync-tmp-"
@@ -32,10 +34,14 @@ class LocalBackend:
         throttle: TokenBucket | None = None,
         fsync: bool = True,
         create: bool = False,
+        public_url: str | None = None,
     ) -> None:
         """``create``: make the root directory if it is missing. Off by default: a missing root is
-        usually an unmounted disk, and writing into the empty mount point would fill the root fs."""
+        usually an unmounted disk, and writing into the empty mount point would fill the root fs.
+        ``public_url``: the address this directory is served from (``edge-deploy serve``), for
+        :meth:`download_url`."""
         self.root = Path(root).absolute()
+        self.public_url = public_url.rstrip("/") + "/" if public_url else None
         self.throttle = throttle
         self.fsync = fsync
         if create:
@@ -45,6 +51,19 @@ class LocalBackend:
                 raise self._os_error(exc, "create", str(self.root)) from None
 
     # -- the interface -------------------------------------------------------------------------------
+
+    def download_url(self, name: str, expires_s: int = 0) -> str:
+        """``public_url`` + the quoted name. A directory's URL does not expire: whoever serves it
+        decides who may read it."""
+        check_name(name)
+        if self.public_url is None:
+            raise BlobError(
+                ErrorCode.BLOB_CONFIG_INVALID,
+                f"the local store {self.root} has no URL that devices can download from",
+                "run `edge-deploy serve` and set artifacts.public_url to its address "
+                "(for example http://203.0.113.5:8700/)",
+            )
+        return self.public_url + urllib.parse.quote(name, safe="/")
 
     def put(self, name: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         path = self._path(name)

@@ -35,16 +35,10 @@ from typing import Any
 
 import httpx
 
-from agent.errors import ErrorCode
 from cloud_sync._http import is_retryable_status, make_client, request_body, transport_error
-from cloud_sync.backend import (
-    BlobError,
-    TokenBucket,
-    check_name,
-    check_prefix,
-    normalise_root,
-    redact,
-)
+from cloud_sync.base import check_name, check_prefix, normalise_root, redact
+from cloud_sync.pacing import TokenBucket
+from edge_core.errors import BlobError, ErrorCode
 
 _SERVICE = "S3"
 ALGORITHM = "AWS4-HMAC-SHA256"
@@ -360,6 +354,9 @@ class S3Backend:
         """A presigned URL for one object, to hand to a holder of no credentials (see :func:`presign`)."""
         url = self._url(self._root + check_name(name), [])
         return presign(method, url, self._credentials, self.region, expires, now=self._clock())
+
+    def download_url(self, name: str, expires_s: int) -> str:
+        return self.presigned_url(name, "GET", expires_s)
 
     # -- HTTP ----------------------------------------------------------------------------------------
 

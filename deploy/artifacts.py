@@ -17,24 +17,14 @@ Names are the registry's: ``models/<name>/<version>/<name>.onnx`` and
 
 from __future__ import annotations
 
-import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError
-from cloud_sync.azure import AzureBackend
-from cloud_sync.backend import (
-    PACE_CHUNK,
-    BlobBackend,
-    BlobError,
-    RetryingBackend,
-    TokenBucket,
-    check_name,
-    open_backend,
-)
-from cloud_sync.local import LocalBackend
-from cloud_sync.s3 import S3Backend
+from cloud_sync.base import BlobBackend, check_name
+from cloud_sync.factory import local_path, open_backend
+from cloud_sync.pacing import PACE_CHUNK, TokenBucket
+from edge_core.errors import BlobError, ConfigError
 
 DEFAULT_URL_EXPIRY_S = 7 * 24 * 3600
 
@@ -66,30 +56,20 @@ class ArtifactStore:
         url_expiry: int = DEFAULT_URL_EXPIRY_S,
         **backend_opts: Any,
     ) -> None:
-        local = "://" not in url or url.startswith("file:")
-        if local:
+        #: The directory of a local store (what ``edge-deploy serve`` serves), else None.
+        self.root = local_path(url)
+        if self.root is not None:
             backend_opts.setdefault("create", True)
+            if not public_url:
+                raise ConfigError(
+                    "artifacts.public_url",
+                    "a local artifact store needs the URL devices download it from: run `edge-deploy serve` "
+                    "and set this to its address (for example http://203.0.113.5:8700/)",
+                )
+            backend_opts["public_url"] = public_url
         self._meter = _Meter()
         self.backend: BlobBackend = open_backend(url, bandwidth=self._meter, **backend_opts)
-        self.public_url = public_url.rstrip("/") + "/" if public_url else None
         self.url_expiry = url_expiry
-        inner = self._inner()
-        if isinstance(inner, LocalBackend) and self.public_url is None:
-            raise ConfigError(
-                "artifacts.public_url",
-                "a local artifact store needs the URL devices download it from: run `edge-deploy serve` "
-                "and set this to its address (for example http://203.0.113.5:8700/)",
-            )
-
-    def _inner(self) -> BlobBackend:
-        b = self.backend
-        return b.inner if isinstance(b, RetryingBackend) else b
-
-    @property
-    def root(self) -> Path | None:
-        """The directory of a local store (what ``edge-deploy serve`` serves), else None."""
-        inner = self._inner()
-        return inner.root if isinstance(inner, LocalBackend) else None
 
     def put_file(self, name: str, path: Path, progress: Progress | None = None) -> None:
         # Artifacts are written once under a name that includes their version; a retried put
@@ -127,14 +107,7 @@ class ArtifactStore:
 
     def download_url(self, name: str) -> str:
         """The URL a device downloads ``name`` from (no credentials needed beyond what it carries)."""
-        check_name(name, "artifact name")
-        inner = self._inner()
-        if isinstance(inner, S3Backend):
-            return inner.presigned_url(name, "GET", self.url_expiry)
-        if isinstance(inner, AzureBackend):
-            return inner.download_url(name)
-        assert self.public_url is not None
-        return self.public_url + urllib.parse.quote(name, safe="/")
+        return self.backend.download_url(check_name(name, "artifact name"), self.url_expiry)
 
     def close(self) -> None:
         self.backend.close()

@@ -24,13 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.fetch import hash_file
-from agent.store import BUNDLE_METADATA
+from edge_core.bundle import BUNDLE_METADATA, ENTRY_SCRIPT, FORMAT, MODELS_DIR, WHEELS_DIR
+from edge_core.errors import BuildError
+from edge_core.fsutil import hash_file
 
-FORMAT = 1
-ENTRY_SCRIPT = "score.py"
-MODELS_DIR = "models"
-WHEELS_DIR = "wheels"
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-6
 
@@ -38,17 +35,13 @@ DEFAULT_ATOL = 1e-6
 #: the agent's unpacker would refuse (slashes, backslashes, leading dots) and nothing a shell or a
 #: URL needs quoted.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-#: The manifest's own patterns (agent/schemas/manifest.schema.json): the agent compares bundle.json's
+#: The manifest's own patterns (edge_core/schemas/manifest.schema.json): the agent compares bundle.json's
 #: name and version with the manifest's, so an image named otherwise could never be deployed.
 IMAGE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 #: ``{distribution}-{version}(-{build})?-{python}-{abi}-{platform}.whl`` (the wheel file name spec).
 WHEEL_RE = re.compile(r"(?P<dist>[A-Za-z0-9._]+)-[A-Za-z0-9._+!]+(-[A-Za-z0-9._]+){3,4}\.whl")
 _RESERVED = {BUNDLE_METADATA, ENTRY_SCRIPT, MODELS_DIR, WHEELS_DIR}
-
-
-class BuildError(ValueError):
-    """An input the builder refuses; the message names the input and says why."""
 
 
 @dataclass(frozen=True)
@@ -293,7 +286,7 @@ def _session(path: Path, name: str, optimize: bool) -> Any:
 
 
 def _io_spec(arg: Any) -> dict[str, Any]:
-    from agent import tensors
+    from edge_core import tensors
 
     onnx_type: str = arg.type
     datatype = tensors.v2_datatype(onnx_type)
@@ -321,7 +314,7 @@ def read_signature(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any
 
 def check_v2_smoke_test(session: Any, model: Mapping[str, Any], smoke: SmokeTest) -> None:
     """Run a v2 smoke test through onnxruntime; BuildError unless it reproduces ``smoke.expected``."""
-    from agent import tensors
+    from edge_core import tensors
 
     name = model["name"]
     try:

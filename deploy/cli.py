@@ -18,14 +18,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from agent import manifest as mf
-from agent.errors import ControlPlaneError, EdgeError, ErrorCode, ManifestRefused
-from agent.fetch import hash_file
 from deploy import bundle, config, signer
 from deploy.artifacts import Progress
 from deploy.plane import ControlPlane
 from deploy.registry import LIVE_STATES, parse_ref, parse_tags
 from deploy.rollout import Gate, Policy, summary
+from edge_core import manifest as mf
+from edge_core.errors import BuildError, ControlPlaneError, EdgeError, ErrorCode, ManifestRefused
+from edge_core.fsutil import hash_file
 
 
 def _duration(text: str) -> timedelta:
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeError as exc:
         _fail(exc.as_dict())
         return EXIT_UNREACHABLE if exc.code == ErrorCode.BROKER_UNREACHABLE else EXIT_USAGE
-    except bundle.BuildError as exc:
+    except BuildError as exc:
         _fail({"code": str(ErrorCode.INVALID_ARGUMENT), "message": str(exc), "hint": "fix the input"})
         return EXIT_USAGE
     except (FileNotFoundError, PermissionError, FileExistsError, ValueError) as exc:
@@ -383,7 +383,7 @@ def _image_tags(items: list[str]) -> dict[str, str]:
         key, value = bundle.parse_tag(text)
         if key in tags:
             # Refused rather than last-wins: the order of the flags must not change the image.
-            raise bundle.BuildError(f"tag {key!r} is given twice")
+            raise BuildError(f"tag {key!r} is given twice")
         tags[key] = value
     return tags
 
@@ -496,7 +496,7 @@ def _image_build_file(args: argparse.Namespace, smoke: bundle.SmokeTest | None, 
 
 def _smoke(args: argparse.Namespace) -> bundle.SmokeTest | None:
     if (args.sample_request is None) != (args.expected_response is None):
-        raise bundle.BuildError("--sample-request and --expected-response go together")
+        raise BuildError("--sample-request and --expected-response go together")
     if args.sample_request is not None:
         return bundle.SmokeTest(
             request=bundle.load_json(args.sample_request, "sample request"),
@@ -506,9 +506,7 @@ def _smoke(args: argparse.Namespace) -> bundle.SmokeTest | None:
             atol=bundle.DEFAULT_ATOL if args.atol is None else args.atol,
         )
     if args.rtol is not None or args.atol is not None or args.smoke_model is not None:
-        raise bundle.BuildError(
-            "--rtol, --atol and --smoke-model need --sample-request and --expected-response"
-        )
+        raise BuildError("--rtol, --atol and --smoke-model need --sample-request and --expected-response")
     return None
 
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.config import build_section, env_overrides, merge
-from agent.errors import ConfigError
-from agent.topics import DEFAULT_PREFIX
+from edge_core.confmerge import build_section, env_overrides, merge
+from edge_core.errors import ConfigError
+from edge_core.topics import DEFAULT_PREFIX
 
 ENV_PREFIX = "EDGE_DEPLOY_"
 

@@ -2,7 +2,7 @@
 
 The broker authenticates every client by its TLS certificate and uses the certificate's common name
 as the MQTT username (mosquitto's ``use_identity_as_username``); the ACL then confines a device to
-its own topic subtree (see :func:`agent.topics.mosquitto_acl`). So a device's identity *is* the CN
+its own topic subtree (see :func:`edge_core.topics.mosquitto_acl`). So a device's identity *is* the CN
 of the certificate this module issues, and an operator's tooling uses it to enrol devices.
 
 Choices, and why:

@@ -9,14 +9,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ControlPlaneError, ErrorCode
-from agent.fetch import hash_file
 from deploy import bundle, signer
 from deploy.artifacts import ArtifactStore, Progress
 from deploy.config import ControlPlaneConfig
 from deploy.publisher import OperatorClient
 from deploy.registry import Image, Model, Registry, check_name
 from deploy.rollout import Driver, Policy, command, plan_waves, summary
+from edge_core.errors import BuildError, ControlPlaneError, ErrorCode
+from edge_core.fsutil import hash_file
 
 
 def _readable(path: Path, what: str) -> Path:
@@ -115,7 +115,7 @@ class ControlPlane:
         _readable(path, "model file")
         try:
             inputs, outputs = bundle.read_signature(path)
-        except bundle.BuildError as exc:
+        except BuildError as exc:
             raise ControlPlaneError(
                 ErrorCode.MODEL_INVALID,
                 f"{path} is not a usable ONNX model: {exc}",
@@ -192,7 +192,7 @@ class ControlPlane:
                         tags=tags,
                         smoke_test=smoke_test,
                     )
-                except bundle.BuildError as exc:
+                except BuildError as exc:
                     raise ControlPlaneError(
                         ErrorCode.INVALID_ARGUMENT, str(exc), "fix the input and build again"
                     ) from None

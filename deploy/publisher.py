@@ -23,9 +23,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from agent.fetch import backoff_delays
-from agent.log import get_logger
-from agent.topics import DEFAULT_PREFIX, Topics
+from edge_core.log import get_logger
+from edge_core.retry import backoff_delays
+from edge_core.topics import DEFAULT_PREFIX, Topics
 
 log = get_logger("operator")
 
@@ -81,7 +81,7 @@ class OperatorClient:
         self._client.connect(self._host, self._port, keepalive=30)
         self._thread = threading.Thread(target=self._loop, name="operator-mqtt", daemon=True)
         # Without this paho writes each publish from the caller's thread while ours reads the same
-        # TLS socket, which corrupts the stream (agent/mqtt_channel.py says more).
+        # TLS socket, which corrupts the stream (agent/channel/mqtt.py says more).
         self._client._thread = self._thread  # type: ignore[attr-defined]
         self._thread.start()
         if not self._connected.wait(timeout):

@@ -30,7 +30,7 @@ from typing import Any
 
 import sqlite_utils
 
-from agent.errors import ControlPlaneError, ErrorCode
+from edge_core.errors import ControlPlaneError, ErrorCode
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TAG_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,63}")

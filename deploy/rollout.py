@@ -35,11 +35,11 @@ from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import manifest as mf
-from agent.errors import ControlPlaneError, ErrorCode
-from agent.log import get_logger
 from deploy.artifacts import ArtifactStore
 from deploy.registry import Image, Registry
+from edge_core import manifest as mf
+from edge_core.errors import ControlPlaneError, ErrorCode
+from edge_core.log import get_logger
 
 log = get_logger("rollout")
 

@@ -13,7 +13,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import manifest as mf
+from edge_core import manifest as mf
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -31,8 +31,8 @@ from typing import IO, Self
 
 import psutil
 
-from agent.topics import DEFAULT_PREFIX, mosquitto_acl
 from deploy import pki
+from edge_core.topics import DEFAULT_PREFIX, mosquitto_acl
 
 __all__ = ["BrokerError", "ClientCert", "Mosquitto", "find_mosquitto", "free_port"]
 

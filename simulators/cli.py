@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import manifest as mf
 from deploy import config
 from deploy.plane import ControlPlane
 from deploy.registry import Image
 from deploy.rollout import Gate, Policy
+from edge_core import manifest as mf
 from simulators.bundle_server import BundleServer
 from simulators.rig import Rig, to_toml
 

@@ -1,12 +1,12 @@
 """Many simulated devices in one process, each made of the agent's own parts.
 
-A :class:`SimDevice` is what ``edge-agent run`` wires (agent/daemon.py) less the local scoring API:
+A :class:`SimDevice` is what ``edge-agent run`` wires (agent/ops/daemon.py) less the local scoring API:
 its own identity and client certificate, state directory, StateDB, BundleStore, Fetcher and
 Deployer (the real state machine, downloads, verification, atomic installs and status documents),
 on a :class:`~simulators.mqtt_loop.SimChannel` that shares one selector loop with the whole fleet.
 
 Inference is **light**: a thousand onnxruntime sessions do not fit on a small machine, so
-:class:`LightActivator` stands in for agent/serving.py. It checks that the installed image is whole
+:class:`LightActivator` stands in for agent/serving/activation.py. It checks that the installed image is whole
 (bundle.json parses, every model file it lists is there with its size) as the real loader would,
 and reports ``"mode": "light"`` in the status. Everything before activation, and the switch itself,
 is the agent's code.
@@ -24,16 +24,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from agent import inventory
-from agent import manifest as mf
-from agent.buffer import Buffer, RecordClass
 from agent.config import DownloadConfig, MqttConfig
-from agent.deployer import Deployer
-from agent.errors import ErrorCode, InstallError
-from agent.fetch import Fetcher
-from agent.metrics import InferenceWindow
-from agent.state import StateDB
-from agent.store import BundleStore
+from agent.telemetry import inventory
+from agent.telemetry.buffer import Buffer, RecordClass
+from agent.telemetry.metrics import InferenceWindow
+from agent.update.deployer import Deployer
+from agent.update.fetch import Fetcher
+from agent.update.state import StateDB
+from agent.update.store import BundleStore
+from edge_core import manifest as mf
+from edge_core.errors import ErrorCode, InstallError
 from simulators.broker import Mosquitto
 from simulators.mqtt_loop import SelectorLoop, SimChannel
 
@@ -86,7 +86,7 @@ class Traffic:
     drift: float = 0.01
     interval: float = 1.0
     #: the share of requests whose input and output are captured into the device's telemetry buffer
-    #: (agent/buffer.py), with their lineage; 0 runs without a buffer
+    #: (agent/telemetry/buffer.py), with their lineage; 0 runs without a buffer
     capture: float = 0.0
     #: the buffer's disk budget: past it the oldest captures are evicted, and counted
     budget_bytes: int = 16 << 20
@@ -94,7 +94,7 @@ class Traffic:
 
 class SensorHub:
     """One thread that plays every device's traffic against its light runtime and sends each
-    device's heartbeat (the inference window per model version, as agent/telemetry.py does): the
+    device's heartbeat (the inference window per model version, as agent/telemetry/heartbeat.py does): the
     health gates' evidence in a simulation."""
 
     TICK_S = 0.1

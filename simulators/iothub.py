@@ -14,7 +14,7 @@ tell them apart). A responder, connected to an inside listener of that broker, p
 - keeps device-to-cloud messages.
 
 With ``bridge=`` (the control plane's broker), the hub also speaks the control plane's MQTT
-contract (agent/topics.py): a retained ``desired`` manifest becomes the twin's desired
+contract (edge_core/topics.py): a retained ``desired`` manifest becomes the twin's desired
 ``edge.manifest``; the reported ``edge.status``, ``edge.inventory`` and ``edge.online`` become the
 retained reports, and heartbeat messages the ``heartbeat`` topic. So ``edge-deploy`` rolls out to a
 fleet behind IoT Hub exactly as to one on a plain broker.
@@ -43,9 +43,9 @@ from urllib.parse import parse_qs
 
 import paho.mqtt.client as mqtt
 
-from agent.hub_channel import PORT, TWIN_KEY, apply_patch, status_from_twin
-from agent.topics import DEFAULT_PREFIX, Topics
+from agent.channel.iothub import PORT, TWIN_KEY, apply_patch, status_from_twin
 from deploy import pki
+from edge_core.topics import DEFAULT_PREFIX, Topics
 from simulators.broker import ClientCert, Mosquitto, free_port
 
 __all__ = ["HubDevice", "IotHubSim", "free_loopback_address"]

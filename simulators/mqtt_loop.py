@@ -6,7 +6,7 @@ descriptors each). Here one thread waits on every socket with the OS selector (e
 each paho client through its external-loop API: ``loop_read`` when its socket is readable,
 ``loop_write`` when it has something to send, ``loop_misc`` once a second for keepalives.
 
-Every :class:`SimChannel` is the agent's own :class:`~agent.mqtt_channel.MqttChannel` (the same
+Every :class:`SimChannel` is the agent's own :class:`~agent.channel.mqtt.MqttChannel` (the same
 session, last will, topics, callbacks and backoff); only who calls the network functions differs.
 Publishing from other threads (the deployers) is safe: paho queues the packet and tells us through
 ``on_socket_register_write``, which we hand to the loop thread.
@@ -28,10 +28,10 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from agent.channel import ConnectHandler, DesiredHandler
+from agent.channel.base import ConnectHandler, DesiredHandler
+from agent.channel.mqtt import MqttChannel
 from agent.config import MqttConfig
-from agent.log import get_logger
-from agent.mqtt_channel import MqttChannel
+from edge_core.log import get_logger
 
 log = get_logger("sim.mqtt")
 

@@ -17,10 +17,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Self
 
-from agent import manifest as mf
 from deploy import bundle, signer
 from deploy.cli import new_manifest
 from deploy.publisher import OperatorClient, StatusPredicate
+from edge_core import manifest as mf
 from simulators.broker import Mosquitto
 from simulators.bundle_server import BundleServer
 
@@ -47,7 +47,7 @@ def to_toml(cfg: Mapping[str, Any]) -> str:
 
 
 class AgentProcess:
-    """One real agent: ``python -m agent.cli run --config FILE`` with its own state directory."""
+    """One real agent: ``python -m agent.ops.cli run --config FILE`` with its own state directory."""
 
     def __init__(
         self, rig: Rig, device_id: str, overrides: Mapping[str, Mapping[str, Any]] | None = None
@@ -98,7 +98,7 @@ class AgentProcess:
     def start(self, env: Mapping[str, str] | None = None) -> Self:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(self.config_path)],
+            [sys.executable, "-m", "agent.ops.cli", "run", "--config", str(self.config_path)],
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,

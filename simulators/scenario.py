@@ -36,11 +36,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from agent import manifest as mf
 from deploy import config
 from deploy.plane import ControlPlane
 from deploy.registry import Image
 from deploy.rollout import TERMINAL, Gate, Policy
+from edge_core import manifest as mf
 from simulators.bundle_server import Fault
 from simulators.fleet import DeviceSpec, Fleet, Traffic
 from simulators.models import mlp

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import manifest as mf
-from agent.fetch import hash_file
+from edge_core import manifest as mf
+from edge_core.fsutil import hash_file
 from simulators.bundle_server import Fault
 from simulators.rig import AgentProcess, Rig
 
@@ -118,7 +118,7 @@ def test_happy_path_reports_inventory_online_and_history(dev: Device) -> None:
     )
     assert inv["cpu"]["count"] >= 1 and inv["memory_bytes"] > 0 and inv["disk"]["free_bytes"] > 0
     assert (dev.rig.op.report(DEV, "online") or {}).get("online") is True
-    from agent.state import StateDB
+    from agent.update.state import StateDB
 
     db = StateDB(dev.agent.state_dir / "agent.db")
     try:

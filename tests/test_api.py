@@ -11,11 +11,11 @@ import httpx
 import numpy as np
 import pytest
 
-from agent.api import ApiServer, ScoringApp
-from agent.metrics import Metrics
-from agent.runtime import CPU, Runtime, RuntimeSettings, choose_providers, load_model
-from agent.scoring import Scorer
-from agent.store import BundleStore
+from agent.serving.api import ApiServer, ScoringApp
+from agent.serving.runtime import CPU, Runtime, RuntimeSettings, choose_providers, load_model
+from agent.serving.scoring import Scorer
+from agent.telemetry.metrics import Metrics
+from agent.update.store import BundleStore
 from deploy.bundle import build_image
 from simulators import models
 
@@ -116,10 +116,10 @@ def test_provider_choice_and_fallback(tmp_path: Path) -> None:
 
 
 def test_a_model_that_is_not_onnx_is_a_clear_load_error(tmp_path: Path) -> None:
-    from agent.runtime import RuntimeError_
+    from edge_core.errors import ModelLoadError
 
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
-    with pytest.raises(RuntimeError_) as ei:
+    with pytest.raises(ModelLoadError) as ei:
         load_model("bad", bad, RuntimeSettings((CPU,), 1, 1))
     assert ei.value.code == "model_load_failed" and "bad.onnx" in ei.value.message

@@ -18,10 +18,10 @@ import httpx
 import pytest
 
 from agent.config import DownloadConfig
-from agent.errors import ConfigError
-from agent.fetch import Fetcher
+from agent.update.fetch import Fetcher
 from cloud_sync.s3 import S3Backend
 from deploy.artifacts import ArtifactStore
+from edge_core.errors import ConfigError
 from simulators.bundle_server import BundleServer
 from tests.conftest_blob import Azurite, MotoS3
 

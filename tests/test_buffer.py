@@ -1,4 +1,4 @@
-"""The telemetry buffer (agent/buffer.py) on real SQLite files: ordering, acks, the disk budget and
+"""The telemetry buffer (agent/telemetry/buffer.py) on real SQLite files: ordering, acks, the disk budget and
 its drop counters, refusals on the hot path, restarts, concurrency, and SIGKILL of a writing process."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import Any
 import orjson
 import pytest
 
-from agent.buffer import Buffer, BufferUnavailable, DropReason, RecordClass
-from agent.errors import ConfigError, ErrorCode
+from agent.telemetry.buffer import Buffer, DropReason, RecordClass
+from edge_core.errors import BufferUnavailable, ConfigError, ErrorCode
 
 ROOT = Path(__file__).resolve().parent.parent
 C = RecordClass
@@ -408,7 +408,7 @@ def test_concurrent_producers_reader_and_acks(make: Any) -> None:
 CHILD = r"""
 import mmap, struct, sys, time
 from pathlib import Path
-from agent.buffer import Buffer, RecordClass
+from agent.telemetry.buffer import Buffer, RecordClass
 
 path, counter, start, flush_every = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 with open(counter, "r+b") as f:

@@ -18,9 +18,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.fetch import hash_file
-from agent.store import BundleStore
+from agent.update.store import BundleStore
 from deploy import bundle, cli
+from edge_core.errors import BuildError
+from edge_core.fsutil import hash_file
 
 ROOT = Path(__file__).resolve().parent.parent
 RNG = np.random.default_rng(7)
@@ -292,7 +293,7 @@ def test_a_smoke_test_the_model_does_not_reproduce_is_refused(src: Path, tmp_pat
     smoke = bundle.SmokeTest(json.loads((src / "v2-request.json").read_text()), near, rtol=0.0, atol=1e-2)
     bundle.build_image(tmp_path / "ok.tar", "iris", "3", [("mlp", src / "mlp.onnx")], smoke_test=smoke)
     near["outputs"][1]["data"][0] += 1
-    with pytest.raises(bundle.BuildError, match=r"outputs\[1\]\.data\[0\]: expected"):
+    with pytest.raises(BuildError, match=r"outputs\[1\]\.data\[0\]: expected"):
         bundle.build_image(tmp_path / "no.tar", "iris", "3", [("mlp", src / "mlp.onnx")], smoke_test=smoke)
 
 
@@ -420,13 +421,13 @@ def test_refusals(
 
 
 def test_image_name_and_version_must_be_deployable(src: Path, tmp_path: Path) -> None:
-    with pytest.raises(bundle.BuildError, match="image name"):
+    with pytest.raises(BuildError, match="image name"):
         bundle.build_image(tmp_path / "x.tar", "iris classifier", "3", {"iris": src / "mlp.onnx"})
-    with pytest.raises(bundle.BuildError, match="image version"):
+    with pytest.raises(BuildError, match="image version"):
         bundle.build_image(tmp_path / "x.tar", "iris", "3/4", {"iris": src / "mlp.onnx"})
-    with pytest.raises(bundle.BuildError, match="model name '-bad'"):
+    with pytest.raises(BuildError, match="model name '-bad'"):
         bundle.build_image(tmp_path / "x.tar", "iris", "3", {"-bad": src / "mlp.onnx"})
-    with pytest.raises(bundle.BuildError, match="at least one model"):
+    with pytest.raises(BuildError, match="at least one model"):
         bundle.build_image(tmp_path / "x.tar", "iris", "3", {})
 
 
@@ -436,7 +437,7 @@ def test_a_model_with_external_weights_is_refused(tmp_path: Path) -> None:
     d.mkdir()
     model = onnx.load(str(make_mlp(tmp_path / "mlp.onnx")))
     onnx.save(model, str(d / "mlp.onnx"), save_as_external_data=True, location="mlp.data", size_threshold=0)
-    with pytest.raises(bundle.BuildError, match=r"external data files"):
+    with pytest.raises(BuildError, match=r"external data files"):
         bundle.build_image(tmp_path / "x.tar", "iris", "3", {"iris": d / "mlp.onnx"})
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from agent.capture import Capturer, CaptureSettings
-from agent.metrics import Metrics
+from agent.telemetry.capture import Capturer, CaptureSettings
+from agent.telemetry.metrics import Metrics
 
 
 class ListSink:

@@ -19,11 +19,14 @@ import httpx
 import pytest
 from conftest_blob import Azurite, MotoS3
 
-from agent.errors import ErrorCode
-from cloud_sync import BlobBackend, BlobError, RetryingBackend, TokenBucket, open_backend
 from cloud_sync.azure import AzureBackend
+from cloud_sync.base import BlobBackend
+from cloud_sync.factory import open_backend
 from cloud_sync.local import TMP_PREFIX, LocalBackend
+from cloud_sync.pacing import TokenBucket
+from cloud_sync.retry import RetryingBackend
 from cloud_sync.s3 import Credentials, S3Backend, presign, sign_headers, uri_encode
+from edge_core.errors import BlobError, ErrorCode
 
 KINDS = ["local", "azure", "s3"]
 

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 from conftest_blob import Azurite, FaultProxy, MotoS3, fail_times
 
-from agent.errors import ErrorCode
-from cloud_sync import BlobBackend, BlobError, open_backend
+from cloud_sync.base import BlobBackend
+from cloud_sync.factory import open_backend
+from edge_core.errors import BlobError, ErrorCode
 
 BLOCK = 256 << 10
 #: Seven blocks: six whole ones and a short last one.

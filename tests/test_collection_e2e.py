@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from conftest_blob import Azurite, FaultProxy
 
-from cloud_sync.backend import open_backend
-from cloud_sync.uploader import Uploader
+from agent.telemetry.uploader import Uploader
+from cloud_sync.factory import open_backend
 from deploy.bundle import build_image
 from simulators import models
 from simulators.rig import AgentProcess, Rig, wait_until
@@ -137,8 +137,8 @@ def test_an_upload_that_landed_but_was_not_acknowledged_is_not_duplicated(
 ) -> None:
     """The agent dies after the storage stored a blob but before it deleted the records: the next
     run uploads the same records under the same name (an overwrite), never a second blob."""
-    from agent.buffer import Buffer, RecordClass
-    from agent.state import StateDB
+    from agent.telemetry.buffer import Buffer, RecordClass
+    from agent.update.state import StateDB
 
     url = azurite.container_url(CONTAINER)
     buf = Buffer(tmp_path / "buf.db", budget_bytes=64 << 20, flush_interval_s=0.01)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent import config
-from agent.errors import ConfigError
+from edge_core.errors import ConfigError
 
 
 def write(tmp: Path, text: str) -> Path:

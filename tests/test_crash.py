@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from agent.deployer import MAX_RECOVERIES, TERMINAL, TRANSITIONS
-from agent.faults import CRASH_ENV, FAIL_ENV
-from agent.fetch import hash_file
+from agent.update.deployer import MAX_RECOVERIES, TERMINAL, TRANSITIONS
 from deploy import bundle
+from edge_core.faults import CRASH_ENV, FAIL_ENV
+from edge_core.fsutil import hash_file
 from simulators.bundle_server import Fault
 from simulators.rig import AgentProcess, Rig, wait_until
 

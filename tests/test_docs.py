@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.deployer import TRANSITIONS
-from agent.errors import ErrorCode
+from agent.update.deployer import TRANSITIONS
+from edge_core.errors import ErrorCode
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

@@ -1,4 +1,4 @@
-"""``edge-agent doctor`` and agent/certs.py against real parts: the module's mosquitto with mutual TLS,
+"""``edge-agent doctor`` and agent/ops/certs.py against real parts: the module's mosquitto with mutual TLS,
 certificates issued by deploy/pki.py (expired, not yet valid, from another CA, with the wrong key),
 real SQLite files and real sockets. The CLI runs as a real process where its exit code matters."""
 
@@ -22,8 +22,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent import certs, config, doctor
-from agent.buffer import Buffer, RecordClass
+from agent import config
+from agent.ops import certs, doctor
+from agent.telemetry.buffer import Buffer, RecordClass
 from deploy import pki, signer
 from simulators.broker import Mosquitto, free_port
 from simulators.rig import to_toml
@@ -106,7 +107,7 @@ def setup(tmp_path: Path, broker: Mosquitto, trust_key: Path, broker_pki: Pki) -
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, "-m", "agent.ops.cli", *args], capture_output=True, text=True, timeout=120, env=env
     )
 
 
@@ -123,7 +124,7 @@ def verdicts(results: list[doctor.Result]) -> dict[str, set[str]]:
     return out
 
 
-# --- agent/certs.py ------------------------------------------------------------------------------
+# --- agent/ops/certs.py ------------------------------------------------------------------------------
 
 
 def test_inspect_cert_reads_subject_issuer_and_validity(broker_pki: Pki) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from agent.config import DownloadConfig
-from agent.errors import DownloadError, ErrorCode
-from agent.fetch import Fetcher
+from agent.update.fetch import Fetcher
 from deploy import pki
+from edge_core.errors import DownloadError, ErrorCode
 from simulators.bundle_server import BundleServer, Fault
 
 DATA = bytes(range(256)) * 1024  # 256 KiB

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from agent import manifest as mf
 from deploy import config
 from deploy.plane import ControlPlane
 from deploy.rollout import Policy
+from edge_core import manifest as mf
 from simulators.broker import Mosquitto
 from simulators.bundle_server import BundleServer, Fault
 from simulators.fleet import DeviceSpec, Fleet

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from agent import config as config_mod
-from agent import manifest as mf
+from agent.channel.iothub import _strip_nulls, apply_patch, merge_patch, status_from_twin
 from agent.config import parse_connection_string
-from agent.errors import ConfigError
-from agent.hub_channel import _strip_nulls, apply_patch, merge_patch, status_from_twin
+from edge_core import manifest as mf
+from edge_core.errors import ConfigError
 from simulators.iothub import twin_problem
 
 
@@ -144,8 +144,8 @@ def test_unknown_transport_is_refused(tmp_path: Path) -> None:
 
 
 def _channel(tmp_path: Path) -> Any:
+    from agent.channel.iothub import HubChannel
     from agent.config import IotHubConfig
-    from agent.hub_channel import HubChannel
 
     (tmp_path / "cs").write_text("HostName=127.0.0.9;DeviceId=d;SharedAccessKey=YWJjZA==")
     ch = HubChannel("d", IotHubConfig(connection_string_file=tmp_path / "cs"))

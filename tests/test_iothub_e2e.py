@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import manifest as mf
-from agent.fetch import hash_file
-from agent.hub_channel import status_from_twin
+from agent.channel.iothub import status_from_twin
 from deploy import cli as deploy_cli
+from edge_core import manifest as mf
+from edge_core.fsutil import hash_file
 from simulators import models
 from simulators.bundle_server import BundleServer
 from simulators.iothub import HubDevice, IotHubSim

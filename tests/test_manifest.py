@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import manifest as mf
-from agent.errors import ErrorCode, ManifestRefused
 from deploy import signer
+from edge_core import manifest as mf
+from edge_core.errors import ErrorCode, ManifestRefused
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 KEY = Ed25519PrivateKey.generate()

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-from agent.errors import ControlPlaneError, ErrorCode
 from deploy.registry import (
     HEARTBEAT_RETENTION_S,
     MIGRATIONS,
@@ -27,6 +26,7 @@ from deploy.registry import (
     parse_ref,
     parse_tags,
 )
+from edge_core.errors import ControlPlaneError, ErrorCode
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from agent.errors import ControlPlaneError, ErrorCode
 from deploy.rollout import (
     COMMANDS,
     TERMINAL,
@@ -23,6 +22,7 @@ from deploy.rollout import (
     plan_waves,
     wave_verdict,
 )
+from edge_core.errors import ControlPlaneError, ErrorCode
 
 # -- plan_waves ----------------------------------------------------------------------------------------
 

@@ -19,9 +19,11 @@ from typing import Any
 
 import pytest
 
-from agent import runinfo, status
-from agent.buffer import RecordClass
-from agent.state import StateDB, now_iso
+from agent.ops import runinfo, status
+from agent.telemetry.buffer import RecordClass
+from agent.update.state import StateDB
+from edge_core.clock import now_iso
+from edge_core.errors import StatusUnavailable
 from simulators.rig import AgentProcess, Rig, to_toml, wait_until
 
 DEV = "dev-status"
@@ -30,7 +32,7 @@ DEV = "dev-status"
 def cli(*args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args],
+        [sys.executable, "-m", "agent.ops.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -219,7 +221,7 @@ def test_unreadable_state_dir_says_whom_to_run_as(tmp_path: Path, monkeypatch: p
                 return real(path)
 
             monkeypatch.setattr(os, "listdir", refuse)
-            with pytest.raises(status.StatusUnavailable) as ei:
+            with pytest.raises(StatusUnavailable) as ei:
                 status.read_status(state)
             assert ei.value.message == f"cannot read state directory {state} as root: Permission denied"
             assert ei.value.hint.startswith(

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ErrorCode, InstallError, VerifyError
-from agent.fetch import hash_file
-from agent.store import BundleStore
+from agent.update.store import BundleStore
 from deploy import bundle
+from edge_core.errors import ErrorCode, InstallError, VerifyError
+from edge_core.fsutil import hash_file
 
 
 def make_bundle(

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from agent import runinfo, sdnotify
+from agent.ops import runinfo, sdnotify
 from deploy.bundle import build_image
 from simulators import models
 from simulators.rig import AgentProcess, Rig
@@ -59,7 +59,7 @@ def unit_copy(tmp_path: Path, *, accelerator: bool = False) -> Path:
     unit = d / "edge-agent.service"
     unit.write_text(
         text.replace(
-            "ExecStart=/opt/edge-agent/venv/bin/edge-agent", f"ExecStart={sys.executable} -m agent.cli"
+            "ExecStart=/opt/edge-agent/venv/bin/edge-agent", f"ExecStart={sys.executable} -m agent.ops.cli"
         )
     )
     if accelerator:

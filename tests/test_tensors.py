@@ -1,4 +1,4 @@
-"""agent/tensors.py: v2 JSON tensors <-> numpy, request checks against a signature, and the tolerant
+"""edge_core/tensors.py: v2 JSON tensors <-> numpy, request checks against a signature, and the tolerant
 comparison the smoke test uses on both sides (build and device)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent import tensors
-from agent.tensors import compare, decode_request, from_numpy, requested_outputs, to_numpy
+from edge_core import tensors
+from edge_core.tensors import compare, decode_request, from_numpy, requested_outputs, to_numpy
 
 
 @pytest.mark.parametrize(

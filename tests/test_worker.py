@@ -1,4 +1,4 @@
-"""score.py workers (agent/worker.py, agent/worker_child.py) and per-image environments (agent/pyenv.py).
+"""score.py workers (agent/serving/worker.py, agent/serving/worker_child.py) and per-image environments (agent/serving/pyenv.py).
 
 Everything here runs real processes: the scoring scripts are small files written into a temporary
 image directory laid out like the store's ``images/<sha256>/``.
@@ -24,15 +24,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.errors import ErrorCode
-from agent.pyenv import ImageEnvError, ensure_image_env, remove_image_env
-from agent.worker import (
+from agent.serving.pyenv import ensure_image_env, remove_image_env
+from agent.serving.worker import WorkerPool
+from edge_core.errors import (
+    ErrorCode,
+    ImageEnvError,
     ScoreBadInput,
     ScoreFailed,
     ScoreInitFailed,
     ScoreTimeout,
     ScoringError,
-    WorkerPool,
     WorkerUnavailable,
 )
 
@@ -171,7 +172,7 @@ def test_large_requests_and_responses_pass_through(tmp_path: Path, pools: Callab
 
 def test_the_child_imports_only_the_standard_library() -> None:
     """It may run under an image's interpreter that cannot import the agent or its dependencies."""
-    tree = ast.parse((REPO / "agent" / "worker_child.py").read_text())
+    tree = ast.parse((REPO / "agent" / "serving" / "worker_child.py").read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert imported - {"__future__"} <= sys.stdlib_module_names
@@ -414,7 +415,8 @@ AGENT = """
 import json, os, sys, time
 from pathlib import Path
 sys.path.insert(0, {repo!r})
-from agent.worker import WorkerPool, WorkerUnavailable
+from agent.serving.worker import WorkerPool
+from edge_core.errors import WorkerUnavailable
 pool = WorkerPool(Path({image!r}), size=2)
 pool.start()
 first = pool.pids()
