@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest_blob import Azurite, MotoS3
 
 from agent.config import DownloadConfig
 from agent.update.fetch import Fetcher
@@ -23,7 +24,6 @@ from cloud_sync.s3 import S3Backend
 from deploy.artifacts import ArtifactStore
 from edge_core.errors import ConfigError
 from simulators.bundle_server import BundleServer
-from tests.conftest_blob import Azurite, MotoS3
 
 DATA = os.urandom(3 * 1024 * 1024 + 17)
 NAME = "images/iris/3/iris-3.tar"

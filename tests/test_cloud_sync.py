@@ -434,6 +434,9 @@ class _Flaky:
     def delete(self, name: str) -> None:
         pass
 
+    def download_url(self, name: str, expires_s: int) -> str:
+        return name
+
     def close(self) -> None:
         pass
 

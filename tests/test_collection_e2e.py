@@ -77,7 +77,7 @@ def heartbeat(rig: Rig, pred: Any, timeout: float = 20) -> dict[str, Any]:
 def test_every_capture_lands_exactly_once(tmp_path: Path, azurite: Azurite, proxy: FaultProxy) -> None:
     with Rig(tmp_path / "rig") as rig:
         url = azurite.container_url(CONTAINER, base=proxy.origin)
-        overrides = {
+        overrides: dict[str, dict[str, Any]] = {
             "telemetry": {"interval": 0.3, "flush_interval": 0.05},
             "sync": {"url": url, "interval": 0.2, "max_batch_age": 0.2, "batch_max_records": 40, "retries": 1,
                      "backoff_min": 0.05, "backoff_max": 0.2},

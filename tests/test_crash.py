@@ -62,7 +62,7 @@ def check_converged(
         device, lambda s: s.get("generation") == 2 and s.get("state") in {str(t) for t in TERMINAL}
     )
     on_disk = agent.current_image()
-    assert on_disk in (old, new)
+    assert on_disk is not None and on_disk in (old, new)
     assert image_is_complete(agent, on_disk, bundles[on_disk])
     assert status["active"]["sha256"] == on_disk  # the status tells the truth about what runs
     return status
@@ -85,7 +85,7 @@ def test_sigkill_then_restart_converges(rig: Rig, point: str) -> None:
     assert agent.wait(timeout=30) == -9, agent.log_text()[-2000:]
     # the instant after the kill: whatever is current is complete
     on_disk = agent.current_image()
-    assert on_disk in (old, new)
+    assert on_disk is not None and on_disk in (old, new)
     assert image_is_complete(agent, on_disk, {old: b1, new: b2}[on_disk])
 
     agent.start()

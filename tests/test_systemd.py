@@ -414,6 +414,27 @@ def test_a_hung_main_loop_stops_the_watchdog_pings(rig: Rig, notify: NotifySocke
         agent.kill()
 
 
+def test_a_dead_background_thread_stops_the_agent(rig: Rig, notify: NotifySocket) -> None:
+    """A background thread that dies leaves a process that looks alive and lacks a capability: the
+    daemon's supervisor sees it on its next tick, logs the stack, says STOPPING and exits 1, so that
+    systemd restarts the agent whole."""
+    agent = start_agent(
+        rig, "dev-sd-thread", notify, {"telemetry": {"interval": 0.2}}, EDGE_FAULT_FAIL_AT="telemetry.loop"
+    )
+    try:
+        assert agent.wait(30) == 1, agent.log_text()[-3000:]
+        lines = [json.loads(line) for line in agent.log_text().splitlines() if line.startswith("{")]
+        crashed = next(x for x in lines if x.get("event") == "thread.crashed")
+        assert crashed["thread"] == "telemetry" and "injected I/O error at telemetry.loop" in crashed["error"]
+        assert "faults.py" in crashed["traceback"]
+        died = next(x for x in lines if x.get("event") == "agent.thread_died")
+        assert died["threads"] == ["telemetry"]
+        stopping = notify.wait_for(lambda m: m.get("STOPPING") == "1", 10, "STOPPING=1")
+        assert "the telemetry thread died" in stopping["STATUS"]
+    finally:
+        agent.kill()
+
+
 def test_a_hung_scoring_api_stops_the_watchdog_pings(rig: Rig, notify: NotifySocket) -> None:
     """The main loop is fine, but the API's event loop is blocked: the device no longer serves, and
     that too must end in a restart."""

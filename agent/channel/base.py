@@ -8,6 +8,7 @@ one, in the daemon's wiring (:func:`agent.ops.wiring.open_channel`).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -31,6 +32,11 @@ class ControlChannel(Protocol):
 
     @property
     def connected(self) -> bool: ...
+
+    @property
+    def thread(self) -> threading.Thread:
+        """The channel's network loop, watched by the daemon: it never ends before :meth:`stop`."""
+        ...
 
     def describe(self) -> dict[str, Any]:
         """``{"transport", "endpoint", "connected", "last_error"}``: for run.json and the logs."""

@@ -133,7 +133,7 @@ class HubChannel:
         self._wake = threading.Condition(self._lock)
         self._stop = threading.Event()
         self._connected = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="iothub", daemon=True)
+        self.thread = threading.Thread(target=self._loop, name="iothub", daemon=True)
         self._delay = backoff_delays(cfg.reconnect_min, cfg.reconnect_max)
         # What we want the hub to hold (reported.edge), and what it acknowledged holding.
         self._want: dict[str, Any] = {}
@@ -220,7 +220,7 @@ class HubChannel:
     def start(self, on_desired: DesiredHandler, on_connect: ConnectHandler) -> None:
         self._on_desired = on_desired
         self._on_connected = on_connect
-        self._thread.start()
+        self.thread.start()
 
     def report_status(self, doc: dict[str, Any]) -> None:
         self._report("status", doc)
@@ -241,8 +241,8 @@ class HubChannel:
         with self._lock:
             self._stop.set()
             self._wake.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout=self.cfg.request_timeout + 5.0)
+        if self.thread.is_alive():
+            self.thread.join(timeout=self.cfg.request_timeout + 5.0)
         else:
             self._shutdown(self._client)
 

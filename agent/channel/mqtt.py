@@ -56,11 +56,11 @@ class MqttChannel:
         self._client.on_message = self._on_message
         self._stop = threading.Event()
         self._connected = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="mqtt", daemon=True)
+        self.thread = threading.Thread(target=self._loop, name="mqtt", daemon=True)
         # paho writes a publish inline, from the publishing thread, unless it knows a network thread
         # (``loop_start`` tells it so). Reading and writing one TLS socket from two threads corrupts
         # the stream and the broker drops the connection, so tell paho about ours.
-        self._client._thread = self._thread  # type: ignore[attr-defined]
+        self._client._thread = self.thread  # type: ignore[attr-defined]
         self._delay = backoff_delays(cfg.reconnect_min, cfg.reconnect_max)
         self._connected_once = False
         self._on_desired: DesiredHandler = lambda _raw: None
@@ -87,7 +87,7 @@ class MqttChannel:
     def start(self, on_desired: DesiredHandler, on_connect: ConnectHandler) -> None:
         self._on_desired = on_desired
         self._on_connected = on_connect
-        self._thread.start()
+        self.thread.start()
 
     def report_status(self, doc: dict[str, Any]) -> None:
         self._publish(self.topics.status, _json(doc), retain=True)
@@ -107,8 +107,8 @@ class MqttChannel:
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=2.0)
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5.0)
+        if self.thread.is_alive():
+            self.thread.join(timeout=5.0)
         # The network thread is gone: paho may write from this one now. A clean DISCONNECT means
         # the broker does not publish the last will.
         self._client._thread = None  # type: ignore[attr-defined]

@@ -30,6 +30,7 @@ from edge_core import faults
 from edge_core import manifest as mf
 from edge_core.clock import now_iso
 from edge_core.log import get_logger
+from edge_core.supervise import Supervisor, log_thread_crashes
 
 log = get_logger("agent")
 
@@ -119,6 +120,7 @@ class Agent:
         # systemd's watchdog kills with SIGABRT: every thread's stack then reaches the journal, which
         # tells where a hung agent was stuck.
         faulthandler.enable()
+        log_thread_crashes()
         stop_signal: list[str] = []
 
         def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -164,19 +166,31 @@ class Agent:
         # Resume an interrupted deployment before taking new manifests: the worker recovers first,
         # and manifests that arrive meanwhile wait in the deployer's intake.
         worker.start()
+        supervisor = Supervisor()
+        supervisor.watch("deployer", worker)
+        supervisor.watch("telemetry", self.telemetry.thread)
+        supervisor.watch("sync", self.uploader.thread)
+        if self.serving.api is not None:
+            supervisor.watch("api", self.serving.api.thread)
         # READY=1 comes at the latest ready_timeout from now; the start timeout must not fire first,
         # whatever the unit's TimeoutStartSec says.
         notifier.extend_timeout(self.cfg.service.ready_timeout + _START_MARGIN_S)
         self.channel.start(self.deployer.submit, self._on_connect)
+        supervisor.watch("control channel", self.channel.thread)
         svc.channel_started()
         # Pinging at half of WatchdogSec (the notifier's interval) needs a tick at least that often.
         tick_s = min(1.0, notifier.watchdog_interval or 1.0)
+        exit_code = 0
+        stop_reason = ""
         while not self._stop.is_set():
             faults.point("main.tick")
-            if not worker.is_alive():
-                log.error("agent.deployer_died")
-                notifier.stopping("the deployer thread died; exiting so that systemd restarts the agent")
-                return 1
+            if dead := supervisor.casualties():
+                # The rest is shut down in order as on SIGTERM (requests in flight finish, the
+                # buffer is flushed); the exit status makes systemd restart the agent whole.
+                log.error("agent.thread_died", threads=dead)
+                stop_reason = f"the {dead[0]} thread died, exiting for a restart"
+                exit_code = 1
+                break
             try:
                 svc.tick()
             except Exception:
@@ -184,7 +198,7 @@ class Agent:
                 # the agent; a passing one costs a log line.
                 log.error("agent.tick_failed", exc_info=True)
             self._stop.wait(tick_s)
-        svc.stopping(stop_signal[0] if stop_signal else "request")
+        svc.stopping(stop_reason or (stop_signal[0] if stop_signal else "request"))
         self.deployer.stop()
         worker.join(timeout=10.0)
         self.serving.stop()  # requests in flight finish first: their captures reach the buffer
@@ -197,8 +211,8 @@ class Agent:
         self.db.close()
         runinfo.remove(self.cfg.state_dir)
         notifier.close()
-        log.info("agent.stopped")
-        return 0
+        log.info("agent.stopped", exit_code=exit_code)
+        return exit_code
 
 
 #: run.json is rewritten at least this often while nothing in it changes; status.STALE_AFTER_S is 60.

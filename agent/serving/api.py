@@ -313,14 +313,14 @@ class ApiServer:
             app, loop="uvloop", http="httptools", lifespan="off", access_log=False, log_config=None,
             timeout_keep_alive=30, timeout_graceful_shutdown=10, server_header=False, date_header=False,
         ))  # fmt: skip
-        self._thread = threading.Thread(target=self._serve, name="api", daemon=True)
+        self.thread = threading.Thread(target=self._serve, name="api", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pong_at = time.monotonic()
 
     def stalled_for(self) -> float:
         """Seconds since the event loop last ran the callback that this call (like the one before it)
         schedules: about one tick when it is healthy, growing while the loop is blocked or gone."""
-        if self._loop is not None and self._thread.is_alive():
+        if self._loop is not None and self.thread.is_alive():
             with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
                 self._loop.call_soon_threadsafe(self._pong)
         return time.monotonic() - self._pong_at
@@ -345,16 +345,16 @@ class ApiServer:
         uvloop.run(serve())
 
     def start(self) -> None:
-        self._thread.start()
+        self.thread.start()
         deadline = time.monotonic() + 10
-        while not self._server.started and time.monotonic() < deadline and self._thread.is_alive():
+        while not self._server.started and time.monotonic() < deadline and self.thread.is_alive():
             time.sleep(0.01)
         log.info("api.listening", url=self.url)
 
     def stop(self) -> None:
         """Stop accepting, let requests in flight finish (graceful), then return."""
         self._server.should_exit = True
-        self._thread.join(timeout=15)
+        self.thread.join(timeout=15)
         self.sock.close()
         if self.listen.startswith("unix:"):
             Path(self.listen[5:]).unlink(missing_ok=True)

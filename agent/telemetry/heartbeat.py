@@ -21,6 +21,7 @@ import orjson
 import psutil
 
 from agent.telemetry.metrics import Metrics
+from edge_core import faults
 from edge_core.log import get_logger
 
 log = get_logger("telemetry")
@@ -75,21 +76,22 @@ class Telemetry:
         self.interval_s = interval_s
         self._proc = psutil.Process()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
         self.last: dict[str, Any] | None = None
 
     def start(self) -> None:
         psutil.cpu_percent(interval=None)  # the first call only primes the counters
         self._proc.cpu_percent(interval=None)
-        self._thread.start()
+        self.thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
+            faults.point("telemetry.loop")  # outside the guard below: the tests' way to kill this thread
             try:
                 self.tick()
             except Exception:  # telemetry must never take the agent down

@@ -109,18 +109,18 @@ class Uploader:
         self.state = SyncState()
         self._stop = threading.Event()
         self._kick = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sync", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="sync", daemon=True)
 
     # --- the loop ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        self.thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._kick.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
 
     def kick(self) -> None:
         """Upload now, whatever the schedule says (for `edge-agent` shutdown and tests)."""
