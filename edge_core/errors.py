@@ -109,7 +109,7 @@ class ErrorCode(StrEnum):
     AMBIGUOUS_MODEL = "ambiguous_model"
     INFERENCE_FAILED = "inference_failed"
     # edge-agent status (agent/ops/status.py)
-    STATUS_UNREADABLE = "status_unreadable"
+    STATE_UNREADABLE = "state_unreadable"
 
 
 class EdgeError(Exception):
@@ -170,7 +170,7 @@ class StatusUnavailable(EdgeError):
     whom to try again."""
 
     def __init__(self, message: str, hint: str) -> None:
-        super().__init__(ErrorCode.STATUS_UNREADABLE, message, hint)
+        super().__init__(ErrorCode.STATE_UNREADABLE, message, hint)
 
 
 class BuildError(ControlPlaneError, ValueError):

@@ -67,10 +67,10 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str
 
 def test_agent_cli_reports_a_bad_config_and_exits_2(tmp_path: Path) -> None:
     p = write(tmp_path, BASE + "[mqtt]\nport = 'high'\n")
-    r = run("agent.cli", "run", "--config", str(p))
+    r = run("agent.ops.cli", "run", "--config", str(p))
     assert r.returncode == 2
     assert "mqtt.port" in r.stderr and "expected an integer" in r.stderr
-    ok = run("agent.cli", "check-config", "--config", str(write(tmp_path, BASE)))
+    ok = run("agent.ops.cli", "check-config", "--config", str(write(tmp_path, BASE)))
     assert ok.returncode == 0 and json.loads(ok.stdout)["device_id"] == "dev-1"
 
 

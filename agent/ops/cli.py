@@ -83,9 +83,7 @@ def _status(state_dir: Path, as_json: bool) -> int:
     except StatusUnavailable as exc:
         print(f"edge-agent: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
         if as_json:
-            print(
-                json.dumps({"error": {"code": "state_unreadable", "message": exc.message, "hint": exc.hint}})
-            )
+            print(json.dumps({"error": exc.as_dict()}))
         return status.EXIT_UNREADABLE
     print(json.dumps(doc, indent=2, sort_keys=True) if as_json else status.format_human(doc))
     return status.exit_code(doc)
