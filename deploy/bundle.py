@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_core import strictjson
 from edge_core.bundle import BUNDLE_METADATA, ENTRY_SCRIPT, FORMAT, MODELS_DIR, WHEELS_DIR
 from edge_core.errors import BuildError
 from edge_core.fsutil import hash_file
@@ -193,14 +194,11 @@ def wheel_distribution(path: Path) -> str:
 
 
 def load_json(path: Path, what: str) -> Any:
-    """Strict JSON from a file: NaN and Infinity are refused, since bundle.json must stay JSON."""
-
-    def refuse(const: str) -> Any:
-        raise ValueError(f"{const} is not JSON")
-
+    """Strict JSON from a file, read as the agent reads bundle.json (edge_core.strictjson): a sample
+    request the device would refuse is refused here first."""
     try:
-        return json.loads(path.read_bytes(), parse_constant=refuse)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return strictjson.loads(path.read_bytes())
+    except strictjson.StrictJSONError as exc:
         raise BuildError(f"{what} {path}: not valid JSON: {exc}") from None
 
 

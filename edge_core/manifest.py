@@ -33,6 +33,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edge_core import strictjson
 from edge_core.errors import ErrorCode, ManifestRefused
 
 PAYLOAD_TYPE = "application/vnd.edge-ml.manifest+json"
@@ -69,7 +70,7 @@ class Manifest:
     @classmethod
     def from_payload(cls, payload: bytes, keyid: str = "") -> Manifest:
         """Build from payload bytes that were verified before (e.g. read back from local state)."""
-        doc = json.loads(payload)
+        doc = strictjson.loads(payload)
         img = doc["image"]
         return cls(
             device_id=doc["device_id"],
@@ -150,6 +151,8 @@ def schema_error(doc: Any, name: str = "manifest") -> str | None:
 
 
 def parse_time(value: str) -> datetime:
+    """An RFC 3339 timestamp, strictly: ValueError for an impossible date (February 30th) or an offset
+    beyond +-23:59, which the schema's pattern lets through."""
     t = datetime.fromisoformat(value)
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
@@ -159,6 +162,9 @@ def format_time(t: datetime) -> str:
 
 
 # --- verification -----------------------------------------------------------------------------
+
+#: strictjson reasons that say a value is out of any allowed range (the rest: not one JSON document).
+_OUT_OF_RANGE = frozenset({"non_finite", "int_too_long"})
 
 
 def _refuse(code: ErrorCode, message: str, hint: str) -> ManifestRefused:
@@ -197,10 +203,12 @@ def verify(
             "publish a signed manifest envelope, not a bundle",
         )
     try:
-        env = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        env = strictjson.loads(data)
+    except strictjson.StrictJSONError as exc:
         raise _refuse(
-            ErrorCode.MANIFEST_MALFORMED, f"not JSON: {exc}", "publish a signed manifest envelope"
+            ErrorCode.MANIFEST_MALFORMED,
+            f"the envelope is not strict JSON: {exc}",
+            "publish a signed manifest envelope",
         ) from None
     if not isinstance(env, dict):
         raise _refuse(
@@ -256,16 +264,21 @@ def verify(
         )
 
     try:
-        doc = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _refuse(ErrorCode.MANIFEST_MALFORMED, f"signed payload is not JSON: {exc}", "re-sign") from None
-    if (problem := schema_error(doc)) is not None:
+        doc = strictjson.loads(payload)
+    except strictjson.StrictJSONError as exc:
+        # A number no range can hold is a schema violation; anything else means the bytes are not one
+        # unambiguous JSON document, whoever signed them.
+        code = ErrorCode.MANIFEST_SCHEMA if exc.reason in _OUT_OF_RANGE else ErrorCode.MANIFEST_MALFORMED
         raise _refuse(
-            ErrorCode.MANIFEST_SCHEMA,
-            problem,
-            "fix the manifest against edge_core/schemas/manifest.schema.json and re-sign",
-        )
-    m = Manifest.from_payload(payload, keyid)
+            code, f"the signed payload is not strict JSON: {exc}", "re-sign it with edge-deploy"
+        ) from None
+    fix = "fix the manifest against edge_core/schemas/manifest.schema.json and re-sign"
+    if (problem := schema_error(doc)) is not None:
+        raise _refuse(ErrorCode.MANIFEST_SCHEMA, problem, fix)
+    try:
+        m = Manifest.from_payload(payload, keyid)
+    except ValueError as exc:  # a timestamp that matches the pattern but names no instant
+        raise _refuse(ErrorCode.MANIFEST_SCHEMA, f"issued_at or expires_at: {exc}", fix) from None
     if m.device_id != device_id:
         raise _refuse(
             ErrorCode.MANIFEST_WRONG_DEVICE,

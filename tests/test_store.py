@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -26,7 +28,12 @@ def make_bundle(
 
 
 def evil_tar(path: Path, member: tarfile.TarInfo, data: bytes = b"") -> Path:
-    meta = b'{"name": "img", "version": "1"}'
+    files = (
+        {member.name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}}
+        if member.isreg()
+        else {}
+    )
+    meta = json.dumps({"format": 1, "name": "img", "version": "1", "files": files}).encode()
     with tarfile.open(path, "w") as tar:
         ti = tarfile.TarInfo("bundle.json")
         ti.size = len(meta)

@@ -191,6 +191,18 @@ class LoadedImage:
         }  # fmt: skip
 
 
+def inside(image_dir: Path, rel: str) -> Path:
+    """``image_dir / rel``, refused unless it stays inside the image. The store already refused an
+    image whose bundle.json names a path that is not one of its files; this holds if the image
+    directory was changed by hand after the install."""
+    path = (image_dir / rel).resolve()
+    if not path.is_relative_to(image_dir.resolve()):
+        raise ModelLoadError(
+            ErrorCode.MODEL_LOAD_FAILED, f"{rel!r} is outside the image", "rebuild the image"
+        )
+    return path
+
+
 def read_meta(image_dir: Path) -> dict[str, Any]:
     meta: dict[str, Any] = json.loads((image_dir / "bundle.json").read_bytes())
     return meta
@@ -216,7 +228,7 @@ class Runtime:
         t0 = time.monotonic()
         models = {}
         for m in meta.get("models") or []:
-            models[m["name"]] = load_model(m["name"], image_dir / m["file"], settings)
+            models[m["name"]] = load_model(m["name"], inside(image_dir, m["file"]), settings)
         worker = None
         if meta.get("entry_script"):
             if self._worker_factory is None:
