@@ -67,6 +67,8 @@ class ErrorCode(StrEnum):
     # lifecycle
     SUPERSEDED = "superseded"
     INTERRUPTED = "interrupted"
+    # a bug or an unforeseen OS error below the deployer's entry points: reported, never fatal
+    INTERNAL_ERROR = "internal_error"
     # score.py workers (agent/serving/worker.py) and per-image Python environments (agent/serving/pyenv.py)
     SCORE_INIT_FAILED = "score_init_failed"
     SCORE_FAILED = "score_failed"

@@ -186,9 +186,8 @@ class MqttChannel:
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if msg.topic != self.topics.desired:
             return
-        if not msg.payload:
-            log.info("mqtt.desired_cleared")
-            return
+        # An empty message (a cleared retained manifest) goes on too: the deployer refuses it with a
+        # status (manifest_malformed) instead of the device saying nothing.
         try:
             self._on_desired(bytes(msg.payload))
         except Exception:  # an exception here would stop paho's loop: log it and keep the connection

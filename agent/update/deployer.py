@@ -161,7 +161,15 @@ class Deployer:
                 m = mf.verify(
                     raw, self.trusted_keys, device_id=self.device_id, now=self.clock(), last_generation=high
                 )
-            except ManifestRefused as exc:
+            except Exception as exc:
+                if not isinstance(exc, ManifestRefused):
+                    # Whatever the bytes did to the verifier, the sender gets a status, not silence.
+                    log.error("manifest.verify_crashed", exc_info=True)
+                    exc = ManifestRefused(
+                        ErrorCode.INTERNAL_ERROR,
+                        f"verifying the manifest failed: {type(exc).__name__}: {str(exc)[:200]}",
+                        "the agent's log has the stack; report it with the manifest",
+                    )
                 doc = {**exc.as_dict(), "at": now_iso(), "message_sha256": sha}
                 self.db.set_meta("rejected", doc)
                 log.warning("manifest.refused", code=str(exc.code), reason=exc.message)
@@ -223,6 +231,9 @@ class Deployer:
         self.db.set_meta("clean_stop", False)
         row = self.db.latest()
         if row is None or State(row.state) in TERMINAL:
+            # A kill between recording the end of a deployment and its cleanup leaves images beyond
+            # keep_images and downloads nothing will resume: with no live deployment, all go now.
+            self.store.gc()
             self.publish()
             return
         m = mf.Manifest.from_payload(row.payload, row.keyid)
@@ -257,7 +268,11 @@ class Deployer:
                 log.error("deployment.unexpected_error", exc_info=True, state=str(state))
                 event, err = (
                     E.FAIL,
-                    InstallError(ErrorCode.INSTALL_FAILED, f"{type(exc).__name__}: {exc}", "see logs"),
+                    InstallError(
+                        ErrorCode.INTERNAL_ERROR,
+                        f"{type(exc).__name__}: {str(exc)[:200]}",
+                        "the agent's log has the stack (deployment.unexpected_error); report it",
+                    ),
                 )
             if event == E.FAIL and state == S.ACTIVATING and (problem := self._restore_previous(m)):
                 assert err is not None
