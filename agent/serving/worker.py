@@ -6,7 +6,9 @@
     pool.stop()
 
 Each worker runs ``agent/serving/worker_child.py`` (see there for the protocol: length-prefixed frames on
-the child's stdin/stdout). What the user's code does cannot take the agent down:
+the child's stdin/stdout; :mod:`agent.serving.worker_protocol` is the parent's side of it, and
+:mod:`agent.serving.worker_process` one worker process's handle). This module is the pool. What the
+user's code does cannot take the agent down:
 
 - ``run()`` raises: the worker answers with the exception, the pool raises :class:`ScoreFailed`
   (HTTP 500) and the worker keeps serving.
@@ -27,25 +29,25 @@ digest; each line the user's code writes to stdout or stderr becomes a ``worker.
 from __future__ import annotations
 
 import collections
-import contextlib
-import json
-import math
 import os
-import select
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from queue import SimpleQueue
-from typing import Any
 
 from agent.serving.worker_child import PARENT_PID_ENV
+from agent.serving.worker_process import Forker, PoolClosed, WorkerProcess
+from agent.serving.worker_protocol import (
+    MAX_RESPONSE_BYTES,
+    FrameTimeout,
+    FrameTooLarge,
+    ProtocolError,
+    WorkerGone,
+)
 from edge_core.errors import (
     ScoreBadInput,
     ScoreFailed,
@@ -59,18 +61,19 @@ from edge_core.log import get_logger
 log = get_logger("worker")
 
 CHILD_SCRIPT = Path(__file__).resolve().with_name("worker_child.py")
-#: A response larger than this is refused (and the worker recycled): a bug in run() must not make
-#: the agent allocate gigabytes.
-MAX_RESPONSE_BYTES = 256 << 20
-STDERR_TAIL_LINES = 60
-STDERR_LINE_MAX = 8192
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 
-_LEN_SIZE = 4
-
-
-# --- errors ----------------------------------------------------------------------------------
+# MAX_RESPONSE_BYTES lives with the protocol that enforces it; importers of this module still find it here.
+__all__ = [
+    "BACKOFF_FIRST_S",
+    "BACKOFF_MAX_S",
+    "CHILD_SCRIPT",
+    "MAX_RESPONSE_BYTES",
+    "PoolStats",
+    "ScoreResult",
+    "WorkerPool",
+]
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -100,236 +103,9 @@ class PoolStats:
 # --- internals -------------------------------------------------------------------------------
 
 
-class _Timeout(Exception):
-    pass
-
-
-class _Gone(Exception):
-    """The worker's pipes closed: it died (or is dying)."""
-
-
-class _ProtocolError(Exception):
-    pass
-
-
-class _TooLarge(Exception):
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.size = size
-
-
-class _Closed(Exception):
-    pass
-
-
 def _backoff(failures: int) -> float:
     """Delay before respawning a slot after ``failures`` failures in a row: the first is immediate."""
     return 0.0 if failures <= 1 else min(BACKOFF_FIRST_S * 2 ** (failures - 2), BACKOFF_MAX_S)
-
-
-class _Forker:
-    """Runs every process spawn of a pool on one thread that lives as long as the pool.
-
-    PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process: a worker
-    forked from a short-lived respawn thread or a request thread would be SIGKILLed by the kernel as
-    soon as that thread ended.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._queue: SimpleQueue[tuple[Callable[[], subprocess.Popen[bytes]], Future[Any]] | None] = (
-            SimpleQueue()
-        )
-        self._lock = threading.Lock()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
-
-    def call(self, fn: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
-        fut: Future[subprocess.Popen[bytes]] = Future()
-        with self._lock:
-            if self._stopped:
-                raise _Closed
-            self._queue.put((fn, fut))
-        return fut.result()
-
-    def _loop(self) -> None:
-        while (item := self._queue.get()) is not None:
-            fn, fut = item
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:
-                fut.set_exception(exc)
-
-    def stop(self) -> None:
-        with self._lock:
-            self._stopped = True
-            self._queue.put(None)
-        self._thread.join()
-
-
-def _exit_text(returncode: int | None) -> str:
-    if returncode is None:
-        return "still running"
-    if returncode < 0:
-        try:
-            return f"killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
-    return f"exit code {returncode}"
-
-
-class _Worker:
-    """One child process. Its pipes are used by one owner at a time: the pool while it is idle, the
-    request thread while busy, the initialising thread while starting."""
-
-    def __init__(
-        self, slot: int, proc: subprocess.Popen[bytes], label: str, on_exit: Callable[[_Worker], None]
-    ) -> None:
-        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-        self.slot = slot
-        self.proc = proc
-        self.pid = proc.pid
-        self.label = label
-        self.state = "starting"  # -> idle <-> busy; any -> dead
-        self._on_exit = on_exit
-        self._in = proc.stdin.fileno()
-        self._out = proc.stdout.fileno()
-        # Non-blocking writes, so a request larger than the pipe buffer cannot block past its deadline.
-        os.set_blocking(self._in, False)
-        self._pollin = select.poll()
-        self._pollin.register(self._out, select.POLLIN)
-        self._pollout = select.poll()
-        self._pollout.register(self._in, select.POLLOUT)
-        self._tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
-        self._tail_lock = threading.Lock()
-        self._reap_lock = threading.Lock()
-        self.pump = threading.Thread(target=self._pump, name=f"worker-{self.pid}-output", daemon=True)
-        self.pump.start()
-
-    # --- frames --------------------------------------------------------------------------
-
-    def _wait(self, poller: select.poll, deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not poller.poll(math.ceil(remaining * 1000)):
-            raise _Timeout
-
-    def send(self, data: bytes, deadline: float) -> None:
-        head = len(data).to_bytes(_LEN_SIZE, "big")
-        # One write for small requests; big ones are not copied just to prepend 4 bytes.
-        for chunk in (head + data,) if len(data) <= 65536 else (head, data):
-            view = memoryview(chunk)
-            while view:
-                try:
-                    view = view[os.write(self._in, view) :]
-                except BlockingIOError:
-                    self._wait(self._pollout, deadline)
-                except OSError:  # EPIPE: the worker is gone
-                    raise _Gone from None
-
-    def _read_exact(self, n: int, deadline: float) -> bytearray:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            self._wait(self._pollin, deadline)
-            try:
-                k = os.readv(self._out, [view[got:]])
-            except OSError:
-                raise _Gone from None
-            if k == 0:
-                raise _Gone
-            got += k
-        return buf
-
-    def recv(self, deadline: float) -> tuple[dict[str, Any], bytes]:
-        size = int.from_bytes(self._read_exact(_LEN_SIZE, deadline), "big")
-        if size > MAX_RESPONSE_BYTES:
-            raise _TooLarge(size)
-        frame = self._read_exact(size, deadline)
-        nl = frame.find(b"\n")
-        if nl < 0:
-            raise _ProtocolError("frame without a header line")
-        try:
-            header = json.loads(bytes(frame[:nl]))
-        except ValueError as exc:
-            raise _ProtocolError(f"header is not JSON: {exc}") from None
-        if not isinstance(header, dict):
-            raise _ProtocolError("header is not a JSON object")
-        return header, bytes(memoryview(frame)[nl + 1 :])
-
-    # --- process -------------------------------------------------------------------------
-
-    def _pump(self) -> None:
-        """Log what the user's code prints, keep the last lines for crash reports, and tell the
-        pool when the process has exited."""
-        stream = self.proc.stderr
-        assert stream is not None
-        try:
-            for raw in iter(lambda: stream.readline(STDERR_LINE_MAX), b""):
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                with self._tail_lock:
-                    self._tail.append(line)
-                log.info("worker.output", image=self.label, slot=self.slot, pid=self.pid, line=line)
-        except (OSError, ValueError):
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                stream.close()
-        # Wait for the exit without reaping: see kill().
-        with contextlib.suppress(ChildProcessError):
-            os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
-        self._on_exit(self)
-
-    def has_exited(self) -> bool:
-        if self.proc.returncode is not None:
-            return True
-        try:
-            return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-        except ChildProcessError:
-            return True
-
-    def tail(self, n: int = STDERR_TAIL_LINES) -> str:
-        with self._tail_lock:
-            return "\n".join(list(self._tail)[-n:])
-
-    def exit_text(self) -> str:
-        return _exit_text(self.proc.returncode)
-
-    def signal(self, sig: int) -> None:
-        """Signal the worker's process group: it leads its own session, so the user's
-        subprocesses get it too."""
-        with self._reap_lock:
-            if self.proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self.pid, sig)
-
-    def kill(self) -> None:
-        """SIGKILL the worker's process group, then reap the worker.
-
-        Only this method reaps (the pump and the pool wait with WNOWAIT). Until the worker is
-        reaped its pid stays allocated, even as a zombie, so killpg cannot hit an unrelated process
-        that reused the number; and a worker that already exited still has its group killed, which
-        takes the subprocesses it left behind."""
-        with self._reap_lock:
-            if self.proc.returncode is not None:
-                return
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signal.SIGKILL)
-            try:
-                self.proc.wait(timeout=10.0)
-            except subprocess.TimeoutExpired:  # stuck in the kernel (D state): it dies when it can
-                log.error("worker.unkillable", image=self.label, slot=self.slot, pid=self.pid)
-
-    def close_stdin(self) -> None:
-        assert self.proc.stdin is not None
-        with contextlib.suppress(OSError):
-            self.proc.stdin.close()
-
-    def close(self) -> None:
-        self.close_stdin()
-        assert self.proc.stdout is not None
-        with contextlib.suppress(OSError):
-            self.proc.stdout.close()
 
 
 # --- the pool --------------------------------------------------------------------------------
@@ -341,7 +117,7 @@ class _Box:
     __slots__ = ("worker",)
 
     def __init__(self) -> None:
-        self.worker: _Worker | None = None
+        self.worker: WorkerProcess | None = None
 
 
 class WorkerPool:
@@ -383,8 +159,8 @@ class WorkerPool:
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._slots: list[_Worker | None] = [None] * size
-        self._idle: list[_Worker] = []
+        self._slots: list[WorkerProcess | None] = [None] * size
+        self._idle: list[WorkerProcess] = []
         #: requests waiting for a worker, oldest first (first come, first served)
         self._waiters: collections.deque[_Box] = collections.deque()
         self._fails = [0] * size
@@ -393,7 +169,7 @@ class WorkerPool:
         self._stopping = threading.Event()
         self._stop_lock = threading.Lock()
         self._stopped = False
-        self._forker: _Forker | None = None
+        self._forker: Forker | None = None
         self._respawners: set[threading.Thread] = set()
         self._requests = self._errors = self._restarts = self._timeouts = self._crashes = 0
 
@@ -414,16 +190,16 @@ class WorkerPool:
             if self._started:
                 raise RuntimeError("WorkerPool.start() called twice")
             self._started = True
-        self._forker = _Forker(f"worker-fork-{self._label}")
+        self._forker = Forker(f"worker-fork-{self._label}")
         t0 = time.monotonic()
         deadline = t0 + self.init_timeout_s
-        workers: list[_Worker] = []
+        workers: list[WorkerProcess] = []
         try:
             for slot in range(self.size):
                 workers.append(self._spawn(slot))
             for w in workers:
                 self._await_ready(w, deadline)
-        except _Closed:
+        except PoolClosed:
             self.stop()
             raise ScoreInitFailed("the worker pool was stopped while starting") from None
         except BaseException as exc:
@@ -515,11 +291,11 @@ class WorkerPool:
 
     # --- requests --------------------------------------------------------------------------
 
-    def _acquire(self, deadline: float) -> _Worker:
+    def _acquire(self, deadline: float) -> WorkerProcess:
         """An idle worker, or a place in the queue for the next one. First come, first served: a
         released worker is handed to the longest-waiting request (see _offer_locked), so a thread
         that just finished cannot take its worker back ahead of requests already waiting."""
-        dead: list[tuple[_Worker, float | None]] = []
+        dead: list[tuple[WorkerProcess, float | None]] = []
         box = _Box()
         queued = False
         try:
@@ -566,7 +342,7 @@ class WorkerPool:
             for w, delay in dead:
                 self._finish_retire(w, "exited while idle", delay)
 
-    def _offer_locked(self, w: _Worker) -> None:
+    def _offer_locked(self, w: WorkerProcess) -> None:
         """A worker became free: to the longest-waiting request if there is one, else to the idle list."""
         if self._waiters:
             box = self._waiters.popleft()
@@ -581,20 +357,20 @@ class WorkerPool:
     def _score(self, raw: bytes) -> ScoreResult:
         w = self._acquire(time.monotonic() + self.timeout_s)
         try:
-            w.send(raw, time.monotonic() + self.timeout_s)
-            header, body = w.recv(time.monotonic() + self.timeout_s)
-        except _Timeout:
+            w.pipe.send(raw, time.monotonic() + self.timeout_s)
+            header, body = w.pipe.recv(time.monotonic() + self.timeout_s)
+        except FrameTimeout:
             self._retire(w, "timeout")
             raise ScoreTimeout(
                 f"run() did not answer within {self.timeout_s:g} s; the worker was killed and is restarting",
                 "make run() faster or raise runtime.request_timeout",
             ) from None
-        except _TooLarge as exc:
+        except FrameTooLarge as exc:
             self._retire(w, "response too large")
             raise ScoreFailed(
                 f"run() returned {exc.size} bytes, more than the {MAX_RESPONSE_BYTES} byte limit"
             ) from None
-        except (_Gone, _ProtocolError):
+        except (WorkerGone, ProtocolError):
             self._retire(w, "crashed")
             if self._closed:
                 raise WorkerUnavailable("the image's scoring workers are stopped", "retry") from None
@@ -617,7 +393,7 @@ class WorkerPool:
         log.warning("worker.run_failed", image=self._label, slot=w.slot, pid=w.pid, error=error, traceback=tb)
         raise ScoreFailed(error, "fix the scoring script; its traceback is in the agent's log", traceback=tb)
 
-    def _release(self, w: _Worker) -> None:
+    def _release(self, w: WorkerProcess) -> None:
         with self._lock:
             self._fails[w.slot] = 0  # it answered: the slot is healthy again, backoff starts over
             if w.state != "busy":
@@ -636,7 +412,7 @@ class WorkerPool:
         env[PARENT_PID_ENV] = str(os.getpid())
         return env
 
-    def _spawn(self, slot: int) -> _Worker:
+    def _spawn(self, slot: int) -> WorkerProcess:
         assert self._forker is not None
         cmd = [self.python, str(CHILD_SCRIPT), str(self.image_dir), self.entry_script]
         env = self._child_env()
@@ -658,7 +434,7 @@ class WorkerPool:
             proc = self._forker.call(popen)
         except OSError as exc:
             raise ScoreInitFailed(f"cannot start a worker with {self.python}: {exc}") from None
-        w = _Worker(slot, proc, self._label, self._on_exit)
+        w = WorkerProcess(slot, proc, self._label, self._on_exit)
         with self._lock:
             closed = self._closed
             if not closed:
@@ -666,22 +442,22 @@ class WorkerPool:
         if closed:
             w.kill()
             w.close()
-            raise _Closed
+            raise PoolClosed
         log.info("worker.spawned", image=self._label, slot=slot, pid=w.pid, python=self.python)
         return w
 
-    def _await_ready(self, w: _Worker, deadline: float) -> None:
+    def _await_ready(self, w: WorkerProcess, deadline: float) -> None:
         """Read the worker's first frame; on failure the worker is killed, reaped and closed."""
         try:
-            header, _ = w.recv(deadline)
-        except _Timeout:
+            header, _ = w.pipe.recv(deadline)
+        except FrameTimeout:
             w.kill()
             w.close()
             raise ScoreInitFailed(
                 f"{self.entry_script}: import and init() did not finish within {self.init_timeout_s:g} s",
                 w.tail(),
             ) from None
-        except (_Gone, _ProtocolError, _TooLarge):
+        except (WorkerGone, ProtocolError, FrameTooLarge):
             w.kill()
             w.close()
             w.pump.join(timeout=1.0)  # the crash's last words (faulthandler's dump) are in its output
@@ -697,11 +473,11 @@ class WorkerPool:
             )
         log.info("worker.ready", image=self._label, slot=w.slot, pid=w.pid, init_ms=header.get("init_ms"))
 
-    def _make_idle_locked(self, w: _Worker) -> None:
+    def _make_idle_locked(self, w: WorkerProcess) -> None:
         if w.state == "starting":
             self._offer_locked(w)
 
-    def _mark_dead_locked(self, w: _Worker) -> float | None:
+    def _mark_dead_locked(self, w: WorkerProcess) -> float | None:
         """Take ``w`` out of the pool; returns the respawn delay, or None if there is no respawn."""
         w.state = "dead"
         if self._slots[w.slot] is w:
@@ -714,7 +490,7 @@ class WorkerPool:
         self._restarts += 1
         return _backoff(self._fails[w.slot])
 
-    def _retire(self, w: _Worker, reason: str) -> None:
+    def _retire(self, w: WorkerProcess, reason: str) -> None:
         """A busy worker failed; its request thread kills it and schedules its replacement."""
         with self._lock:
             if w.state == "dead":
@@ -727,7 +503,7 @@ class WorkerPool:
             delay = self._mark_dead_locked(w)
         self._finish_retire(w, reason, delay)
 
-    def _finish_retire(self, w: _Worker, reason: str, delay: float | None) -> None:
+    def _finish_retire(self, w: WorkerProcess, reason: str, delay: float | None) -> None:
         w.kill()
         w.close()
         if threading.current_thread() is not w.pump:
@@ -745,7 +521,7 @@ class WorkerPool:
         )
         self._schedule_respawn(w.slot, delay)
 
-    def _on_exit(self, w: _Worker) -> None:
+    def _on_exit(self, w: WorkerProcess) -> None:
         """Called by the worker's output pump once the process has exited."""
         with self._lock:
             if w.state != "idle":
@@ -773,7 +549,7 @@ class WorkerPool:
                 return
             try:
                 w = self._spawn(slot)
-            except _Closed:
+            except PoolClosed:
                 return
             except ScoreInitFailed as exc:
                 log.error("worker.spawn_failed", image=self._label, slot=slot, error=exc.message)

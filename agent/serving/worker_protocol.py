@@ -1,0 +1,113 @@
+"""The parent's side of the frame protocol with a score.py worker (``worker_child.py`` has the child's).
+
+Every message is a frame: a 4-byte big-endian length, then that many bytes. The parent sends the raw
+request body; the child answers with a JSON header line, ``\\n``, then the response body. The child
+runs under an image's interpreter that may not see the ``agent`` package, so the two sides cannot
+share this module: ``worker_child.py`` describes the protocol in full and must agree with this one.
+
+Failures are exceptions the pool maps to HTTP errors: :class:`FrameTimeout` (the deadline passed),
+:class:`WorkerGone` (the pipes closed: the worker died), :class:`FrameTooLarge` and
+:class:`ProtocolError` (the worker sent something it should not have, so it cannot be trusted to
+keep serving).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import select
+import time
+from typing import Any
+
+#: A response larger than this is refused (and the worker recycled): a bug in run() must not make
+#: the agent allocate gigabytes.
+MAX_RESPONSE_BYTES = 256 << 20
+
+LEN_SIZE = 4
+#: Up to this size a request goes out in one write with its length prefix; bigger ones are not
+#: copied just to prepend 4 bytes.
+_ONE_WRITE_MAX = 65536
+
+
+class FrameTimeout(Exception):
+    pass
+
+
+class WorkerGone(Exception):
+    """The worker's pipes closed: it died (or is dying)."""
+
+
+class ProtocolError(Exception):
+    pass
+
+
+class FrameTooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+class FramePipe:
+    """Frames over a worker's stdin (``in_fd``) and stdout (``out_fd``), each call bounded by a
+    deadline. Not thread-safe: one owner at a time (see
+    :class:`~agent.serving.worker_process.WorkerProcess`)."""
+
+    def __init__(self, in_fd: int, out_fd: int) -> None:
+        self._in = in_fd
+        self._out = out_fd
+        # Non-blocking writes, so a request larger than the pipe buffer cannot block past its deadline.
+        os.set_blocking(self._in, False)
+        self._pollin = select.poll()
+        self._pollin.register(self._out, select.POLLIN)
+        self._pollout = select.poll()
+        self._pollout.register(self._in, select.POLLOUT)
+
+    def _wait(self, poller: select.poll, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not poller.poll(math.ceil(remaining * 1000)):
+            raise FrameTimeout
+
+    def send(self, data: bytes, deadline: float) -> None:
+        head = len(data).to_bytes(LEN_SIZE, "big")
+        for chunk in (head + data,) if len(data) <= _ONE_WRITE_MAX else (head, data):
+            view = memoryview(chunk)
+            while view:
+                try:
+                    view = view[os.write(self._in, view) :]
+                except BlockingIOError:
+                    self._wait(self._pollout, deadline)
+                except OSError:  # EPIPE: the worker is gone
+                    raise WorkerGone from None
+
+    def _read_exact(self, n: int, deadline: float) -> bytearray:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            self._wait(self._pollin, deadline)
+            try:
+                k = os.readv(self._out, [view[got:]])
+            except OSError:
+                raise WorkerGone from None
+            if k == 0:
+                raise WorkerGone
+            got += k
+        return buf
+
+    def recv(self, deadline: float) -> tuple[dict[str, Any], bytes]:
+        """The next frame's JSON header and body."""
+        size = int.from_bytes(self._read_exact(LEN_SIZE, deadline), "big")
+        if size > MAX_RESPONSE_BYTES:
+            raise FrameTooLarge(size)
+        frame = self._read_exact(size, deadline)
+        nl = frame.find(b"\n")
+        if nl < 0:
+            raise ProtocolError("frame without a header line")
+        try:
+            header = json.loads(bytes(frame[:nl]))
+        except ValueError as exc:
+            raise ProtocolError(f"header is not JSON: {exc}") from None
+        if not isinstance(header, dict):
+            raise ProtocolError("header is not a JSON object")
+        return header, bytes(memoryview(frame)[nl + 1 :])
