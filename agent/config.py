@@ -137,6 +137,14 @@ class DownloadConfig:
     chunk_size: int = 1024 * 1024
     #: CA bundle (PEM) for HTTPS bundle servers signed by a private CA; default: the system's roots.
     ca: Path | None = None
+    #: One deadline for a whole download, every URL and retry included: ``deadline_base`` seconds
+    #: plus the bundle's size at ``min_rate`` bytes/second (defaults: 100 MiB in about 8 minutes). A
+    #: server that trickles a byte a second never trips the per-read ``timeout``; it trips this.
+    #: ``min_rate = 0`` turns the deadline off.
+    min_rate: int = 256 * 1024
+    deadline_base: float = 120.0
+    #: Redirects followed per request (a loop ends as download_failed, not as a hang).
+    max_redirects: int = 5
 
 
 @dataclass

@@ -15,6 +15,7 @@ import hashlib
 import os
 import queue
 import ssl
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -104,6 +105,7 @@ class Fetcher:
             timeout=httpx.Timeout(cfg.timeout),
             verify=ssl.create_default_context(cafile=str(cfg.ca)) if cfg.ca else True,
             follow_redirects=True,
+            max_redirects=cfg.max_redirects,
             headers={"Accept-Encoding": "identity", "User-Agent": "edge-agent"},
         )
         self._delay = backoff_delays(cfg.backoff_min, cfg.backoff_max)
@@ -127,12 +129,26 @@ class Fetcher:
         DownloadError(download_failed) when every URL has been tried.
         """
         last = "no URL"
+        limit_s = self.cfg.deadline_base + size / self.cfg.min_rate if self.cfg.min_rate > 0 else None
+        deadline = time.monotonic() + limit_s if limit_s is not None else float("inf")
+
+        def stop_or_late() -> bool:
+            if time.monotonic() > deadline:
+                raise DownloadError(
+                    ErrorCode.DOWNLOAD_FAILED,
+                    f"the download did not finish within {limit_s:.0f} s ({size} bytes at "
+                    f"download.min_rate = {self.cfg.min_rate} B/s, plus download.deadline_base)",
+                    "check the link to the bundle server, or lower download.min_rate for slow links",
+                    retryable=True,
+                )
+            return should_stop()
+
         for url in urls:
             for attempt in range(self.cfg.retries):
-                if should_stop():
+                if stop_or_late():
                     raise _stopped()
                 try:
-                    return self._attempt(url, partial, size, progress, should_stop)
+                    return self._attempt(url, partial, size, progress, stop_or_late)
                 except _Retry as exc:
                     last = f"{_redact(url)}: {exc}"
                     if attempt + 1 < self.cfg.retries:
@@ -144,7 +160,7 @@ class Fetcher:
                             error=str(exc),
                             delay_s=round(d, 2),
                         )
-                        _sleep(d, should_stop)
+                        _sleep(d, stop_or_late)
                 except _NextUrl as exc:
                     last = f"{_redact(url)}: {exc}"
                     log.warning("download.url_failed", url=_redact(url), error=str(exc))
@@ -160,7 +176,7 @@ class Fetcher:
         self, url: str, partial: Path, size: int, progress: ProgressFn | None, should_stop: Callable[[], bool]
     ) -> str:
         if url.startswith("file://"):
-            return self._copy_local(url[len("file://") :], partial, size, progress)
+            return self._copy_local(url[len("file://") :], partial, size, progress, should_stop)
         have = partial.stat().st_size if partial.exists() else 0
         if have > size:  # a partial file from an older attempt at a different bundle: start over
             partial.unlink()
@@ -201,7 +217,8 @@ class Fetcher:
                             raise _oversize(size, got, "sent")
                         _write_all(f.fileno(), chunk)
                         hasher.update(chunk)
-                        if (now := time.monotonic()) - last_report >= 0.5:
+                        # Checked at least every half second, and on every chunk of a trickle.
+                        if (now := time.monotonic()) - last_report >= 0.5 or len(chunk) < 4096:
                             last_report = now
                             if should_stop():
                                 raise _stopped()
@@ -219,25 +236,49 @@ class Fetcher:
             raise _Retry(f"{type(exc).__name__}: {exc}") from None
         except httpx.InvalidURL as exc:
             raise _NextUrl(f"invalid URL: {exc}") from None
+        except httpx.TooManyRedirects:
+            raise _NextUrl(f"more than {self.cfg.max_redirects} redirects") from None
 
-    def _copy_local(self, path: str, partial: Path, size: int, progress: ProgressFn | None) -> str:
-        """``file://`` URLs: for bundles on removable media or a shared mount (air-gapped sites)."""
+    def _copy_local(
+        self,
+        path: str,
+        partial: Path,
+        size: int,
+        progress: ProgressFn | None,
+        should_stop: Callable[[], bool],
+    ) -> str:
+        """``file://`` URLs: for bundles on removable media or a shared mount (air-gapped sites).
+
+        Only a regular file is read (a FIFO would block the deployer, ``/dev/zero`` never ends), and
+        never more than the declared size plus one byte."""
         try:
-            actual = os.stat(path).st_size
+            # O_NONBLOCK: opening a FIFO with no writer would otherwise block here, before the check.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             raise _NextUrl(f"cannot read {path}: {exc.strerror}") from None
-        if actual > size:
-            raise _oversize(size, actual, "holds")
-        hasher = _Hasher()
-        with open(path, "rb", buffering=0) as src, open(partial, "wb", buffering=0) as dst:
-            while chunk := src.read(self.cfg.chunk_size):
-                _write_all(dst.fileno(), chunk)
-                hasher.update(chunk)
+        with open(fd, "rb", buffering=0) as src:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _NextUrl(f"{path} is not a regular file")
+            os.set_blocking(fd, True)
+            if st.st_size > size:
+                raise _oversize(size, st.st_size, "holds")
+            hasher = _Hasher()
+            got = 0
+            with open(partial, "wb", buffering=0) as dst:
+                while chunk := src.read(min(self.cfg.chunk_size, size + 1 - got)):
+                    got += len(chunk)
+                    if got > size:  # the file grew while it was read
+                        raise _oversize(size, got, "holds")
+                    _write_all(dst.fileno(), chunk)
+                    hasher.update(chunk)
+                    if should_stop():
+                        raise _stopped()
         if progress is not None:
-            progress(actual, size)
+            progress(got, size)
         digest = hasher.hexdigest()
-        if actual < size:
-            raise _NextUrl(f"{path} holds {actual} bytes, the manifest declares {size}")
+        if got < size:
+            raise _NextUrl(f"{path} holds {got} bytes, the manifest declares {size}")
         return digest
 
 
