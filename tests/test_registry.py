@@ -1,4 +1,4 @@
-"""The control plane's registry (deploy/registry.py) over a real SQLite file: versions, searches,
+"""The control plane's registry (deploy/registry/) over a real SQLite file: versions, searches,
 refusals and their codes, devices, deployments, leases, heartbeats and migrations.
 
 Images are registered with a fake ``build``: these are tests of the registry, not of the bundle builder.
