@@ -76,7 +76,7 @@ class ErrorCode(StrEnum):
     SCORE_TIMEOUT = "score_timeout"
     WORKER_UNAVAILABLE = "worker_unavailable"
     IMAGE_ENV_FAILED = "image_env_failed"
-    # the local telemetry buffer (agent/telemetry/buffer.py)
+    # the local telemetry buffer (agent/telemetry/buffer/)
     BUFFER_UNAVAILABLE = "buffer_unavailable"
     # blob storage backends (cloud_sync/): BlobError carries these, with ``retryable``
     BLOB_CONFIG_INVALID = "blob_config_invalid"

@@ -86,7 +86,7 @@ class Traffic:
     drift: float = 0.01
     interval: float = 1.0
     #: the share of requests whose input and output are captured into the device's telemetry buffer
-    #: (agent/telemetry/buffer.py), with their lineage; 0 runs without a buffer
+    #: (agent/telemetry/buffer/), with their lineage; 0 runs without a buffer
     capture: float = 0.0
     #: the buffer's disk budget: past it the oldest captures are evicted, and counted
     budget_bytes: int = 16 << 20

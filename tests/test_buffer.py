@@ -1,4 +1,4 @@
-"""The telemetry buffer (agent/telemetry/buffer.py) on real SQLite files: ordering, acks, the disk budget and
+"""The telemetry buffer (agent/telemetry/buffer/) on real SQLite files: ordering, acks, the disk budget and
 its drop counters, refusals on the hot path, restarts, concurrency, and SIGKILL of a writing process."""
 
 from __future__ import annotations

@@ -1,0 +1,162 @@
+"""The buffer's file (docs/buffer.md, "Schema"): one table per record class, the migrations that make
+them, and opening the file: WAL, the budget's pragmas, and a malformed file set aside rather than
+allowed to keep the agent from serving."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from agent.telemetry.buffer.budget import Limits, Sizing, plan
+from agent.telemetry.buffer.records import RecordClass
+from edge_core.errors import BufferUnavailable
+from edge_core.log import get_logger
+
+log = get_logger("buffer")
+
+
+def table(cls: str) -> str:
+    return f"records_{cls}"
+
+
+def _migration_v1() -> list[str]:
+    stmts = []
+    for cls in RecordClass:
+        t = table(cls)
+        # One table per class: inserts touch a single b-tree with no secondary index, read_batch and
+        # ack are primary-key ranges, and evicting a class's oldest rows frees whole pages instead of
+        # punching holes into pages shared with other classes. AUTOINCREMENT: a seq is never reused,
+        # even after the table was emptied, so a repeated ack can never delete a newer record.
+        stmts.append(
+            f"CREATE TABLE {t} (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, "
+            "priority INTEGER, payload BLOB NOT NULL)"
+        )
+        # NULL priority = the class's priority (Buffer(priorities=...)). Only put(priority=...)
+        # stores one, and only those rows are indexed, so the common insert pays nothing for it.
+        stmts.append(f"CREATE INDEX {t}_priority ON {t} (priority, seq) WHERE priority IS NOT NULL")
+    stmts.append(
+        "CREATE TABLE dropped (cls TEXT NOT NULL, reason TEXT NOT NULL, records INTEGER NOT NULL, "
+        "bytes INTEGER NOT NULL, PRIMARY KEY (cls, reason)) WITHOUT ROWID"
+    )
+    stmts.append(
+        "CREATE TABLE acked (cls TEXT PRIMARY KEY, records INTEGER NOT NULL, bytes INTEGER NOT NULL) "
+        "WITHOUT ROWID"
+    )
+    return stmts
+
+
+#: MIGRATIONS[i] takes user_version i to i + 1, in one transaction with the version bump.
+MIGRATIONS: Final[tuple[list[str], ...]] = (_migration_v1(),)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, cached_statements=256)
+    db.execute("PRAGMA busy_timeout=10000")
+    # Per connection, and ack() deletes on the reader's: with a SQLite built with secure_delete on
+    # (Debian's), full secure delete would zero and log every freed page, 4x slower and over budget.
+    db.execute("PRAGMA secure_delete=FAST")
+    return db
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """The writer's connection to a file ready for records, and the budget for its page size."""
+
+    db: sqlite3.Connection
+    sizing: Sizing
+    incremental: bool  # auto_vacuum=INCREMENTAL: the file can be shrunk (budget.Sizing.shrink_by)
+
+
+def used_pages(db: sqlite3.Connection) -> tuple[int, int]:
+    """(used, total) pages as this connection sees them: inside the writer's transaction, with
+    the rows it has just inserted. Free pages are not used: later inserts reuse them."""
+    used, total = db.execute(
+        "SELECT p.page_count - f.freelist_count, p.page_count "
+        "FROM pragma_page_count() AS p, pragma_freelist_count() AS f"
+    ).fetchone()
+    return int(used), int(total)
+
+
+def open_file(path: Path, synchronous: str, limits: Limits) -> Opened:
+    """Open, create or migrate the file for the writer. A file that is not a database, or is
+    malformed (a bad sector, a file written by something else), is set aside for analysis and the
+    buffer starts empty: telemetry must not keep the agent from serving. Any other failure
+    (permissions, disk I/O, a newer schema) is BufferUnavailable."""
+    try:
+        return _open(path, synchronous, limits)
+    except sqlite3.DatabaseError as e:
+        code = getattr(e, "sqlite_errorcode", 0) & 0xFF  # the primary code of an extended one
+        if code not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            raise BufferUnavailable(f"cannot open {path}: {e}") from e
+        set_aside(path, e)
+        try:
+            return _open(path, synchronous, limits)
+        except sqlite3.Error as e2:
+            raise BufferUnavailable(f"cannot create {path}: {e2}") from e2
+    except sqlite3.Error as e:
+        raise BufferUnavailable(f"cannot open {path}: {e}") from e
+
+
+def set_aside(path: Path, error: Exception) -> Path:
+    """Move a damaged file, with its WAL and shm, to ``<name>.corrupt-<unix time>``."""
+    aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    log.error("buffer.quarantined", path=str(path), moved_to=str(aside), error=str(error))
+    os.replace(path, aside)
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(f"{path}{suffix}", f"{aside}{suffix}")
+    return aside
+
+
+def _open(path: Path, synchronous: str, limits: Limits) -> Opened:
+    db = connect(path)
+    try:
+        # Only takes effect on a new, empty file; must precede the first table (docs/buffer.md).
+        db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        if db.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+            raise BufferUnavailable(f"{path}: cannot use WAL mode (a network file system?)")
+        db.execute(f"PRAGMA synchronous={synchronous}")
+        # connect() set secure_delete=FAST: deleted records are zeroed where that costs no extra
+        # I/O (captured inputs may be personal data), but freed pages are not rewritten, so an
+        # eviction or an ack stays small in the WAL, which the budget relies on.
+        migrate(db, path)
+        incremental = db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+        sizing = plan(limits, db.execute("PRAGMA page_size").fetchone()[0])
+        db.execute(f"PRAGMA wal_autocheckpoint={sizing.wal_pages}")
+        # After a checkpoint the WAL restarts from its beginning; this truncates it back to its
+        # budgeted size if a long reader ever made it grow past it.
+        db.execute(f"PRAGMA journal_size_limit={sizing.wal_max}")
+        used_pages(db)  # reads page 1: a file that is not a database fails here, not later
+    except BaseException:
+        db.close()
+        raise
+    return Opened(db, sizing, incremental)
+
+
+def migrate(db: sqlite3.Connection, path: Path) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise BufferUnavailable(
+                f"{path} has schema version {version}, newer than this agent's {SCHEMA_VERSION}",
+                "a newer agent wrote it: upgrade the agent again, or move the file away to start empty",
+            )
+        for i in range(version, SCHEMA_VERSION):
+            for stmt in MIGRATIONS[i]:
+                db.execute(stmt)
+        # user_version lives in the file header, so it commits (or not) with the migration.
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+    if version < SCHEMA_VERSION:
+        log.info("buffer.migrated", path=str(path), from_version=version, to_version=SCHEMA_VERSION)
