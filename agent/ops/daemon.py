@@ -169,6 +169,8 @@ class Agent:
         supervisor = Supervisor()
         supervisor.watch("deployer", worker)
         supervisor.watch("telemetry", self.telemetry.thread)
+        if self.buffer.thread is not None:
+            supervisor.watch("buffer writer", self.buffer.thread)
         supervisor.watch("sync", self.uploader.thread)
         if self.serving.api is not None:
             supervisor.watch("api", self.serving.api.thread)

@@ -20,6 +20,7 @@ kept in one bounded SQLite file (WAL) until the uploader has shipped them (docs/
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,11 @@ class Buffer:
             synchronous=self._synchronous,
             evicted=sum(n for n, _ in evicted.values()),
         )
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The writer thread, once started: it never ends before :meth:`close`."""
+        return self._writer.thread
 
     def put(
         self, cls: RecordClass, payload: Any, priority: int | None = None, ts: float | None = None

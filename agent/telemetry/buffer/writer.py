@@ -144,6 +144,11 @@ class Writer:
     def started(self) -> bool:
         return self._thread is not None
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The writer thread once started (the daemon's supervisor watches it)."""
+        return self._thread
+
     def open(
         self, w: sqlite3.Connection, sizing: Sizing, incremental: bool
     ) -> dict[tuple[str, str], tuple[int, int]]:
