@@ -256,11 +256,12 @@ class Fetcher:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             raise _NextUrl(f"cannot read {path}: {exc.strerror}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise _NextUrl(f"{path} is not a regular file")
+        os.set_blocking(fd, True)
         with open(fd, "rb", buffering=0) as src:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise _NextUrl(f"{path} is not a regular file")
-            os.set_blocking(fd, True)
             if st.st_size > size:
                 raise _oversize(size, st.st_size, "holds")
             hasher = _Hasher()
