@@ -1,21 +1,24 @@
-"""Staged fleet rollouts (deploy/rollout/policy.py, moved here whole; the next commit splits the
-driver out of it). The names are re-exported so that ``deploy.rollout`` imports keep working."""
+"""Staged fleet rollouts: waves, thresholds, model-level health gates, automatic rollback.
 
+Two halves: :mod:`deploy.rollout.policy` decides (pure: observations and the time in, decisions
+out), :mod:`deploy.rollout.driver` acts (reads the registry and the devices' reports, signs and
+publishes manifests, records, sleeps). The names below are re-exported so that importers written
+before the split, and branches still being merged, keep working.
+"""
+
+from deploy.rollout.driver import Driver, Fleet, command, summary
 from deploy.rollout.policy import (
     COMMANDS,
     TERMINAL,
     TRANSITIONS,
-    Driver,
-    Fleet,
+    Decision,
     Gate,
     Policy,
     Window,
-    command,
     device_outcome,
     gate_verdict,
     next_state,
     plan_waves,
-    summary,
     wave_verdict,
 )
 
@@ -23,6 +26,7 @@ __all__ = [
     "COMMANDS",
     "TERMINAL",
     "TRANSITIONS",
+    "Decision",
     "Driver",
     "Fleet",
     "Gate",

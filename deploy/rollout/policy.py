@@ -1,10 +1,8 @@
-"""Staged fleet rollouts: waves, thresholds, model-level health gates, automatic rollback.
-
-The rollout policy is pure (plan_waves, device_outcome, wave_verdict, gate_verdict: data in,
-verdict out); :class:`Driver` applies it to one deployment, one ``step`` at a time, from what the
-registry holds and what the devices' retained status documents and heartbeats say. Nothing is kept
-in the driver's memory that a restarted driver could not rebuild, so a control plane killed in the
-middle of a rollout resumes it where it stood.
+"""The rollout policy: what a staged rollout decides, from what it observed. Pure: no registry, no
+broker, no clock, no logging. Time comes in as an argument (``now``), the devices' reports and
+heartbeats as plain data, and the answer goes out as a value. :mod:`deploy.rollout.driver` does the
+reading, publishing and waiting around it, the way python-tuf keeps ``TrustedMetadataSet`` apart
+from ``Updater``: every decision can then be tested as a table, without a broker or a registry.
 
 The deployment's states, as one table (docs/control-plane.md):
 
@@ -24,24 +22,12 @@ reverting -> reverted | revert_failed.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import time
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from deploy.artifacts import ArtifactStore
-from deploy.registry import Image, Registry
-from edge_core import manifest as mf
 from edge_core.errors import ControlPlaneError, ErrorCode
-from edge_core.log import get_logger
-
-log = get_logger("rollout")
 
 TRANSITIONS: dict[tuple[str, str], str] = {
     ("running", "wave_passed_last"): "succeeded",
@@ -73,7 +59,26 @@ def next_state(state: str, event: str) -> str:
         ) from None
 
 
-# -- the policy (pure) ---------------------------------------------------------------------------------
+def transition(
+    state: str, phase: str | None, event: str, reason: Any, now: float
+) -> tuple[str, dict[str, Any]]:
+    """The deployment's next state and the fields to record with it."""
+    new = next_state(state, event)
+    fields: dict[str, Any] = {"state": new, "reason": reason}
+    if event == "resume":
+        # The wave's clock starts again: time spent paused is not the devices' fault. A held wave
+        # resumed is one the operator accepted.
+        fields["phase_since"] = now
+        if phase == "held":
+            fields["phase"] = "next"
+    elif event == "wave_held":
+        fields["phase"] = "held"
+    elif new != "paused":
+        fields.update(phase=None, phase_since=now)
+    return new, fields
+
+
+# -- the policy's settings -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,9 @@ def plan_waves(n: int, policy: Policy) -> list[int]:
     return sizes
 
 
+# -- devices -------------------------------------------------------------------------------------------
+
+
 def device_outcome(
     status: Mapping[str, Any] | None, deployment_id: str, generation: int, message_sha256: str | None = None
 ) -> tuple[str, Any]:
@@ -192,6 +200,46 @@ def device_outcome(
     return "pending", None
 
 
+def update_outcome(
+    status: Mapping[str, Any] | None,
+    deployment_id: str,
+    generation: int,
+    message_sha256: str | None,
+    published_at: float | None,
+    now: float,
+    policy: Policy,
+) -> tuple[str, Any]:
+    """An updating device's outcome: :func:`device_outcome`, or "failed" once it stayed silent past the
+    wave timeout."""
+    outcome, error = device_outcome(status, deployment_id, generation, message_sha256)
+    if outcome == "pending" and now - (published_at or now) > policy.wave_timeout_s:
+        return "failed", {
+            "code": "timeout",
+            "message": f"no status for this deployment within {policy.wave_timeout_s:g}s",
+        }
+    return outcome, error
+
+
+def revert_outcome(
+    status: Mapping[str, Any] | None,
+    revert_id: str,
+    generation: int,
+    reverting_since: float | None,
+    now: float,
+    policy: Policy,
+) -> tuple[str, Any]:
+    """A reverting device's outcome: ("reverted" | "revert_failed" | "pending", error)."""
+    outcome, error = device_outcome(status, revert_id, generation)
+    if outcome == "pending" and now - (reverting_since or now) > policy.wave_timeout_s:
+        outcome, error = "failed", {"code": "timeout", "message": "no status for the rollback"}
+    if outcome == "pending":
+        return "pending", None
+    return ("reverted" if outcome == "active" else "revert_failed"), error
+
+
+# -- waves ---------------------------------------------------------------------------------------------
+
+
 def wave_verdict(outcomes: Sequence[str], policy: Policy, timed_out: bool) -> str:
     """'wait', 'pass', 'hold' or 'fail' for one wave's device outcomes."""
     n = len(outcomes)
@@ -209,6 +257,51 @@ def wave_verdict(outcomes: Sequence[str], policy: Policy, timed_out: bool) -> st
         if failed / n > policy.failure_threshold:
             return "fail"
     return "pass" if active / n >= policy.success_threshold else "hold"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the driver does next with the wave it is on."""
+
+    #: "wait" (look again at the next step), "soak" (start the health gate's soak), "pass" (the wave
+    #: passed), or an event of TRANSITIONS to apply ("wave_failed", "wave_held")
+    action: str
+    #: what the driver records with the action's event
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    #: the numbers a health gate judged by (``gate_verdict``), for its gate_passed/gate_failed event
+    facts: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _failure(policy: Policy, reason: str, detail: Mapping[str, Any], facts: Mapping[str, Any]) -> Decision:
+    if policy.auto_rollback:
+        return Decision("wave_failed", {**detail, "reason": reason}, facts)
+    # without auto_rollback a failed wave waits for the operator, who may still roll back by hand
+    return Decision("wave_held", {**detail, "reason": reason + " (auto_rollback is off)"}, facts)
+
+
+def judge_wave(
+    wave: int, member_states: Sequence[str], policy: Policy, waiting_since: float, now: float
+) -> Decision:
+    """The decision on a published wave from its devices' states (as the registry records them)."""
+    outcomes = [s if s in ("active", "failed") else "pending" for s in member_states]
+    timed_out = now - waiting_since > policy.wave_timeout_s
+    verdict = wave_verdict(outcomes, policy, timed_out)
+    if verdict == "wait":
+        return Decision("wait")
+    counts = {o: outcomes.count(o) for o in ("active", "failed", "pending")}
+    if verdict == "fail":
+        reason = f"wave {wave}: {counts['failed']} of {len(outcomes)} device(s) failed"
+        return _failure(policy, reason, {"wave": wave, **counts}, {})
+    if verdict == "hold":
+        return Decision(
+            "wave_held", {"wave": wave, **counts, "reason": f"wave {wave} below the success threshold"}
+        )
+    if policy.gate.enabled:
+        return Decision("soak", {"wave": wave, "seconds": policy.gate.soak_s})
+    return Decision("pass")
+
+
+# -- health gates --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -273,395 +366,44 @@ def gate_verdict(
     return not v, facts
 
 
-# -- the driver ----------------------------------------------------------------------------------------
+def baseline_window(gate: Gate, until: float) -> tuple[float, float]:
+    """Where a wave's baseline heartbeats lie: the two soak periods before ``until`` (the wave's
+    publication). One definition for the wait before publishing and for the gate's verdict."""
+    return until - 2 * max(gate.soak_s, 1.0), until
 
 
-class Fleet(Protocol):
-    """What the driver needs of the broker (deploy/publisher.py: OperatorClient)."""
-
-    def report(self, device_id: str, kind: str = "status") -> dict[str, Any] | None: ...
-
-    def publish_manifests(self, items: list[tuple[str, bytes]], timeout: float = 30.0) -> None: ...
+def baseline_ready(gate: Gate, baseline: Sequence[Window], since: float, now: float) -> bool:
+    """Whether a wave waiting for its baseline may be published: enough requests seen, or a soak
+    period waited, after which a missing baseline only skips the gate's relative bounds."""
+    return sum(w.requests for w in baseline) >= gate.min_requests or now - since >= gate.soak_s
 
 
-def _windows(rows: Sequence[Mapping[str, Any]]) -> list[Window]:
-    return [Window(r["requests"], r["errors"], r["p99_ms"]) for r in rows]
+def soak_elapsed(gate: Gate, since: float, now: float) -> bool:
+    return now - since >= gate.soak_s
 
 
-class Driver:
-    """Moves deployments forward. Several drivers (processes) may run: a lease in the registry lets one
-    of them drive a deployment at a time."""
-
-    LEASE_S = 30.0
-
-    def __init__(
-        self,
-        registry: Registry,
-        fleet: Fleet,
-        key: Ed25519PrivateKey,
-        artifacts: ArtifactStore,
-        *,
-        clock: Callable[[], float] = time.time,
-        owner: str | None = None,
-        ingest: Callable[[], None] | None = None,
-    ) -> None:
-        self.reg = registry
-        self.fleet = fleet
-        self.key = key
-        self.artifacts = artifacts
-        self.clock = clock
-        self.owner = owner or f"driver-{uuid.uuid4().hex[:8]}"
-        #: called before every step: moves the devices' latest reports into the registry
-        self.ingest = ingest
-
-    # -- manifests ---------------------------------------------------------------------------------
-
-    def manifest(
-        self,
-        device_id: str,
-        image: Image,
-        dep_id: str,
-        rollout_id: str,
-        generation: int,
-        sections: Mapping[str, Any],
-        ttl_s: float,
-    ) -> bytes:
-        now = datetime.now(UTC)
-        doc: dict[str, Any] = {
-            "schema_version": 1,
-            "device_id": device_id,
-            "deployment_id": dep_id,
-            "rollout_id": rollout_id,
-            "generation": generation,
-            "issued_at": mf.format_time(now),
-            "expires_at": mf.format_time(now + timedelta(seconds=ttl_s)),
-            "image": {
-                "name": image.name,
-                "version": str(image.version),
-                "sha256": image.sha256,
-                "size": image.size,
-                "urls": [self.artifacts.download_url(image.artifact)],
-            },
-            **{k: v for k, v in sections.items() if k in ("runtime", "data_collection") and v},
-        }
-        return mf.sign(doc, self.key)
-
-    # -- one step ----------------------------------------------------------------------------------
-
-    def step(self, dep_id: str) -> dict[str, Any]:
-        """Look at the devices, act once, return the deployment as it now stands."""
-        dep = self.reg.deployment(dep_id)
-        if dep["state"] in TERMINAL and dep["command"] != "rollback":
-            return dep
-        policy = Policy.from_dict(dep["policy"])
-        members = self.reg.members(dep_id)
-        self._observe(dep, members, policy)
-        command = self.reg.take_command(dep_id)
-        if command:
-            self._transition(dep, command, {"by": "operator"})
-            dep = self.reg.deployment(dep_id)
-            members = self.reg.members(dep_id)
-        if dep["state"] == "running":
-            self._advance(dep, members, policy)
-        elif dep["state"] == "rolling_back":
-            self._roll_back(dep, members, policy)
-        return self.reg.deployment(dep_id)
-
-    def step_or_wait(self, dep_id: str) -> dict[str, Any]:
-        """``step``, but a broker that is away is waited for, not an error: the operator's connection
-        reconnects by itself, what was published is recorded, and the next step goes on from there."""
-        try:
-            return self.step(dep_id)
-        except (TimeoutError, OSError) as exc:
-            log.warning("rollout.broker_unavailable", deployment=dep_id, error=str(exc))
-            return self.reg.deployment(dep_id)
-
-    def _transition(self, dep: Mapping[str, Any], event: str, detail: Mapping[str, Any]) -> str:
-        new = next_state(dep["state"], event)
-        fields: dict[str, Any] = {"state": new, "reason": detail.get("reason")}
-        if event == "resume":
-            # The wave's clock starts again: time spent paused is not the devices' fault. A held wave
-            # resumed is one the operator accepted.
-            fields["phase_since"] = self.clock()
-            if dep["phase"] == "held":
-                fields["phase"] = "next"
-        elif event == "wave_held":
-            fields["phase"] = "held"
-        elif new != "paused":
-            fields.update(phase=None, phase_since=self.clock())
-        self.reg.update_deployment(dep["id"], **fields)
-        self.reg.event(dep["id"], event, {"from": dep["state"], "to": new, **detail})
-        log.info("rollout.transition", deployment=dep["id"], transition=event, to=new)
-        return new
-
-    def _observe(self, dep: Mapping[str, Any], members: list[dict[str, Any]], policy: Policy) -> None:
-        with self.reg.tx():  # one commit for all the outcomes a step sees, not one per device
-            self._observe_members(dep, members, policy)
-
-    def _observe_members(self, dep: Mapping[str, Any], members: list[dict[str, Any]], policy: Policy) -> None:
-        now = self.clock()
-        for m in members:
-            status = self.fleet.report(m["device_id"])
-            if m["state"] == "updating":
-                outcome, error = device_outcome(status, dep["id"], m["generation"], m["manifest_sha256"])
-                if outcome == "pending" and now - (m["published_at"] or now) > policy.wave_timeout_s:
-                    outcome, error = (
-                        "failed",
-                        {
-                            "code": "timeout",
-                            "message": f"no status for this deployment within {policy.wave_timeout_s:g}s",
-                        },
-                    )
-                if outcome != "pending":
-                    self.reg.update_member(
-                        dep["id"], m["device_id"], state=outcome, error=error, finished_at=now
-                    )
-                    self.reg.event(dep["id"], f"device_{outcome}", {"device": m["device_id"], "error": error})
-                    m["state"], m["error"] = outcome, error
-            elif m["state"] == "reverting":
-                outcome, error = device_outcome(status, dep["id"] + "-rb", m["revert_generation"])
-                if outcome == "pending" and now - (m["finished_at"] or now) > policy.wave_timeout_s:
-                    outcome, error = "failed", {"code": "timeout", "message": "no status for the rollback"}
-                if outcome != "pending":
-                    state = "reverted" if outcome == "active" else "revert_failed"
-                    # a reverted device keeps the error that made it fail, if it failed
-                    fields = {"state": state} if outcome == "active" else {"state": state, "error": error}
-                    self.reg.update_member(dep["id"], m["device_id"], **fields)
-                    self.reg.event(dep["id"], f"device_{state}", {"device": m["device_id"], "error": error})
-                    m["state"] = state
-
-    def _publish(
-        self, dep: Mapping[str, Any], group: list[dict[str, Any]], policy: Policy, image: Image
-    ) -> None:
-        """One wave's manifests: signed, published together, then recorded in one transaction."""
-        out = []
-        gens = self.reg.next_generations([m["device_id"] for m in group])
-        for m in group:
-            device_id = m["device_id"]
-            previous = (self.fleet.report(device_id) or {}).get("active")
-            gen = gens[device_id]
-            envelope = self.manifest(
-                device_id, image, dep["id"], dep["id"], gen, dep["sections"], policy.manifest_ttl_s
-            )
-            out.append((m, gen, previous, envelope))
-        self.fleet.publish_manifests([(m["device_id"], env) for m, _g, _p, env in out])
-        now = self.clock()
-        with self.reg.tx():
-            for m, gen, previous, envelope in out:
-                sha = hashlib.sha256(envelope).hexdigest()
-                fields = {"state": "updating", "generation": gen, "previous": previous, "published_at": now,
-                          "manifest_sha256": sha}  # fmt: skip
-                self.reg.update_member(dep["id"], m["device_id"], **fields)
-                m.update(fields)
-
-    def _advance(self, dep: Mapping[str, Any], members: list[dict[str, Any]], policy: Policy) -> None:
-        image = self.reg.image_by_id(dep["image_id"])
-        wave = dep["wave"]
-        now = self.clock()
-        if wave == 0 or dep["phase"] in ("next", "baseline"):
-            nxt = wave + 1
-            group = [m for m in members if m["wave"] == nxt]
-            if not group:
-                self._transition(dep, "wave_passed_last", {"waves": wave})
-                return
-            if policy.gate.enabled and policy.gate.relative and dep["phase"] != "baseline":
-                # Evidence of how these devices serve now, before they change.
-                self.reg.update_deployment(dep["id"], phase="baseline", phase_since=now)
-                return
-            if dep["phase"] == "baseline" and not self._baseline_ready(dep, group, policy, now):
-                return
-            # a step cut short by a broker outage may have published some already
-            self._publish(dep, [m for m in group if m["state"] == "pending"], policy, image)
-            self.reg.update_deployment(dep["id"], wave=nxt, phase="waiting", phase_since=now)
-            self.reg.event(
-                dep["id"], "wave_started", {"wave": nxt, "devices": [m["device_id"] for m in group]}
-            )
-            return
-        group = [m for m in members if m["wave"] == wave]
-        if dep["phase"] == "waiting":
-            outcomes = [m["state"] if m["state"] in ("active", "failed") else "pending" for m in group]
-            timed_out = now - dep["phase_since"] > policy.wave_timeout_s
-            verdict = wave_verdict(outcomes, policy, timed_out)
-            if verdict == "wait":
-                return
-            counts = {o: outcomes.count(o) for o in ("active", "failed", "pending")}
-            if verdict == "fail":
-                reason = f"wave {wave}: {counts['failed']} of {len(group)} device(s) failed"
-                self._fail(dep, policy, reason, {"wave": wave, **counts})
-                return
-            if verdict == "hold":
-                self._transition(
-                    dep,
-                    "wave_held",
-                    {"wave": wave, **counts, "reason": f"wave {wave} below the success threshold"},
-                )
-                return
-            if policy.gate.enabled:
-                self.reg.update_deployment(dep["id"], phase="soaking", phase_since=now)
-                self.reg.event(dep["id"], "soak_started", {"wave": wave, "seconds": policy.gate.soak_s})
-                return
-            self._wave_passed(dep, wave)
-            return
-        if dep["phase"] == "soaking":
-            if now - dep["phase_since"] < policy.gate.soak_s:
-                return
-            ok, facts = self._gate(dep, group, image, policy, dep["phase_since"], now)
-            self.reg.event(dep["id"], "gate_passed" if ok else "gate_failed", {"wave": wave, **facts})
-            if not ok:
-                self._fail(dep, policy, f"wave {wave}: health gate failed: {'; '.join(facts['violations'])}")
-                return
-            self._wave_passed(dep, wave)
-
-    def _wave_passed(self, dep: Mapping[str, Any], wave: int) -> None:
-        self.reg.event(dep["id"], "wave_passed", {"wave": wave})
-        self.reg.update_deployment(dep["id"], phase="next", phase_since=self.clock())
-
-    def _fail(
-        self, dep: Mapping[str, Any], policy: Policy, reason: str, detail: Mapping[str, Any] | None = None
-    ) -> None:
-        if policy.auto_rollback:
-            self._transition(dep, "wave_failed", {**(detail or {}), "reason": reason})
-        else:
-            self._transition(
-                dep, "wave_held", {**(detail or {}), "reason": reason + " (auto_rollback is off)"}
-            )
-
-    def _baseline(self, ids: list[str], version: str, policy: Policy, until: float) -> list[dict[str, Any]]:
-        """The devices' heartbeats on other images than ``version`` in the baseline window: the two
-        soak periods before ``until`` (the wave's publication). One definition for the wait before
-        publishing and for the gate's verdict."""
-        window = 2 * max(policy.gate.soak_s, 1.0)
-        return [r for r in self.reg.heartbeats(ids, until - window, until) if r["version"] != version]
-
-    def _baseline_ready(
-        self, dep: Mapping[str, Any], group: list[dict[str, Any]], policy: Policy, now: float
-    ) -> bool:
-        version = str(self.reg.image_by_id(dep["image_id"]).version)
-        rows = self._baseline([m["device_id"] for m in group], version, policy, now)
-        return bool(
-            sum(r["requests"] for r in rows) >= policy.gate.min_requests
-            or now - dep["phase_since"] >= policy.gate.soak_s
-        )
-
-    def _gate(
-        self,
-        dep: Mapping[str, Any],
-        group: list[dict[str, Any]],
-        image: Image,
-        policy: Policy,
-        since: float,
-        until: float,
-    ) -> tuple[bool, dict[str, Any]]:
-        ids = [m["device_id"] for m in group if m["state"] == "active"]
-        version = str(image.version)
-        current = [r for r in self.reg.heartbeats(ids, since, until) if r["version"] == version]
-        first_publish = min((m["published_at"] for m in group if m["published_at"]), default=since)
-        baseline = self._baseline(ids, version, policy, first_publish)
-        return gate_verdict(_windows(baseline), _windows(current), policy.gate)
-
-    def _roll_back(self, dep: Mapping[str, Any], members: list[dict[str, Any]], policy: Policy) -> None:
-        now = self.clock()
-        # Every device this deployment published to gets its previous image as desired state: an
-        # updating one stops its download, and one that failed or never answered finds the old image
-        # (not the rolled-back one) retained for it when it comes back.
-        todo = [m for m in members if m["state"] in ("active", "updating", "failed")]
-        reverts = []
-        for m in todo:
-            prev = m["previous"] or {}
-            old = self.reg.image_by_sha(prev.get("sha256", "")) if prev else None
-            if old is None:
-                err = {"code": "no_previous_image", "message": "no previous image that this registry knows"}
-                self.reg.update_member(dep["id"], m["device_id"], state="revert_failed", error=err)
-                self.reg.event(dep["id"], "device_revert_failed", {"device": m["device_id"], "error": err})
-                m["state"] = "revert_failed"
-            else:
-                reverts.append((m, old))
-        gens = self.reg.next_generations([m["device_id"] for m, _old in reverts])
-        envelopes = [
-            (m["device_id"], self.manifest(m["device_id"], old, dep["id"] + "-rb", dep["id"],
-                                           gens[m["device_id"]], dep["sections"], policy.manifest_ttl_s))
-            for m, old in reverts
-        ]  # fmt: skip
-        if envelopes:
-            self.fleet.publish_manifests(envelopes)
-        with self.reg.tx():
-            for m, old in reverts:
-                self.reg.update_member(dep["id"], m["device_id"], state="reverting",
-                                       revert_generation=gens[m["device_id"]], finished_at=now)  # fmt: skip
-                self.reg.event(dep["id"], "device_reverting", {"device": m["device_id"], "to": old.ref})
-                m["state"] = "reverting"
-        if not any(m["state"] == "reverting" for m in members):
-            self._transition(dep, "reverted", {"reason": dep.get("reason")})
-
-    # -- driving -----------------------------------------------------------------------------------
-
-    def run(
-        self,
-        dep_id: str,
-        *,
-        poll_s: float = 0.2,
-        until_paused: bool = True,
-        on_step: Callable[[dict[str, Any]], None] | None = None,
-        timeout_s: float | None = None,
-    ) -> dict[str, Any]:
-        """Step until the deployment is finished (or paused, with ``until_paused``). Returns it."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        try:
-            while True:
-                if self.ingest is not None:
-                    self.ingest()
-                if not self.reg.take_lease(dep_id, self.owner, self.LEASE_S):
-                    dep = self.reg.deployment(dep_id)  # another driver has it: watch only
-                else:
-                    dep = self.step_or_wait(dep_id)
-                if on_step is not None:
-                    on_step(dep)
-                if dep["state"] in TERMINAL and not dep["command"]:
-                    return dep
-                if until_paused and dep["state"] == "paused" and not dep["command"]:
-                    return dep
-                if deadline is not None and time.monotonic() > deadline:
-                    return dep
-                time.sleep(poll_s)
-        finally:
-            self.reg.release_lease(dep_id, self.owner)
+def judge_soak(wave: int, policy: Policy, baseline: Sequence[Window], current: Sequence[Window]) -> Decision:
+    """The decision on a wave whose soak is over, from its devices' heartbeats before and after."""
+    ok, facts = gate_verdict(baseline, current, policy.gate)
+    if ok:
+        return Decision("pass", facts=facts)
+    return _failure(policy, f"wave {wave}: health gate failed: {'; '.join(facts['violations'])}", {}, facts)
 
 
-def command(reg: Registry, dep_id: str, cmd: str) -> dict[str, Any]:
-    """Record an operator's command; the driver carries it out at its next step. Refused at once if
-    the deployment's state does not allow it."""
-    if cmd not in COMMANDS:
-        raise ControlPlaneError(
-            ErrorCode.INVALID_ARGUMENT, f"unknown command {cmd!r}", f"use one of {COMMANDS}"
-        )
-    dep = reg.deployment(dep_id)
-    next_state(dep["state"], cmd)  # refuses what the table does not allow
-    if cmd == "rollback":
-        newer = reg.newer_deployments(dep_id)
-        if newer:
-            raise ControlPlaneError(
-                ErrorCode.DEPLOYMENT_STATE_CONFLICT,
-                f"deployment(s) {', '.join(sorted(newer))} updated devices of {dep_id} after it: rolling "
-                f"{dep_id} back would undo them",
-                "roll back the newest one, or deploy the image you want with `edge-deploy deploy create`",
-            )
-    reg.update_deployment(dep_id, command=cmd)
-    reg.event(dep_id, "command", {"command": cmd})
-    return reg.deployment(dep_id)
+# -- reports -------------------------------------------------------------------------------------------
 
 
-def summary(reg: Registry, dep_id: str) -> dict[str, Any]:
+def summarize(
+    dep: Mapping[str, Any], members: Sequence[Mapping[str, Any]], image_ref: str, models: Sequence[str]
+) -> dict[str, Any]:
     """A deployment with its devices' progress, for `deploy show` and progress bars."""
-    dep = reg.deployment(dep_id)
-    members = reg.members(dep_id)
     counts: dict[str, int] = {}
     for m in members:
         counts[m["state"]] = counts.get(m["state"], 0) + 1
-    image = reg.image_by_id(dep["image_id"])
     return {
         "id": dep["id"],
-        "image": image.ref,
-        "models": list(image.models),
+        "image": image_ref,
+        "models": list(models),
         "state": dep["state"],
         "reason": dep["reason"],
         "wave": dep["wave"],
