@@ -8,6 +8,7 @@ falls back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -21,6 +22,19 @@ from edge_core.errors import ConfigError
 from edge_core.topics import DEFAULT_PREFIX
 
 ENV_PREFIX = "EDGE_AGENT_"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, brackets allowed) can only be reached from this machine."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
@@ -180,6 +194,15 @@ class ApiConfig:
     listen: str = "127.0.0.1:8080"
     #: A file holding a bearer token that every request (but the health checks) must carry.
     token_file: Path | None = None
+    #: TLS for the API: this server certificate and key (PEM). With ``client_ca`` every client must
+    #: present a certificate signed by that CA (mutual TLS: the certificate-based authentication Azure
+    #: ML secures its services with), health checks included.
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+    #: Off loopback, the API refuses to start with neither a token nor client certificates unless this
+    #: says that the network itself is the protection (an isolated VLAN, a host firewall).
+    allow_unauthenticated: bool = False
     max_body_bytes: int = 4 * 1024 * 1024
     #: Threads for score.py calls and slow models.
     threads: int = 4
@@ -298,6 +321,7 @@ class AgentConfig:
                 raise ConfigError("api.listen", f"{self.api.listen!r} is neither HOST:PORT nor unix:/path")
         if self.api.token_file is not None and not self.api.token_file.is_file():
             raise ConfigError("api.token_file", f"file {self.api.token_file} does not exist")
+        self._validate_api_tls()
         if self.api.max_body_bytes < 1024:
             raise ConfigError("api.max_body_bytes", "must be >= 1024")
         if self.telemetry.buffer_budget_bytes < 1024 * 1024:
@@ -357,6 +381,32 @@ class AgentConfig:
         if hub.reconnect_min <= 0 or hub.reconnect_max < hub.reconnect_min:
             raise ConfigError("iothub.reconnect_max", "need 0 < reconnect_min <= reconnect_max")
 
+    def _validate_api_tls(self) -> None:
+        api = self.api
+        for name in ("cert", "key", "client_ca"):
+            path = getattr(api, name)
+            if path is not None and not path.is_file():
+                raise ConfigError(f"api.{name}", f"file {path} does not exist")
+        if (api.cert is None) != (api.key is None):
+            raise ConfigError(
+                "api.cert", "api.cert and api.key go together (the server certificate and its key)"
+            )
+        if api.client_ca is not None and api.cert is None:
+            raise ConfigError("api.client_ca", "client certificates need TLS: set api.cert and api.key too")
+        if (
+            not api.listen.startswith("unix:")
+            and not is_loopback(api.listen.rpartition(":")[0])
+            and api.token_file is None
+            and api.client_ca is None
+            and not api.allow_unauthenticated
+        ):
+            raise ConfigError(
+                "api.listen",
+                f"{api.listen} is reachable from the network and nothing authenticates its clients: "
+                "set api.token_file and/or api.client_ca (with api.cert and api.key), or "
+                "api.allow_unauthenticated = true if the network itself is the protection",
+            )
+
 
 def load(path: Path | None, env: Mapping[str, str] | None = None) -> AgentConfig:
     """Load and validate. Relative paths in the file are relative to the file's directory."""
@@ -384,7 +434,8 @@ def load(path: Path | None, env: Mapping[str, str] | None = None) -> AgentConfig
         cfg.trust.keys = [base / p for p in cfg.trust.keys]
         if cfg.download.ca is not None:
             cfg.download.ca = base / cfg.download.ca
-        if cfg.api.token_file is not None:
-            cfg.api.token_file = base / cfg.api.token_file
+        for name in ("token_file", "cert", "key", "client_ca"):
+            if (p := getattr(cfg.api, name)) is not None:
+                setattr(cfg.api, name, base / p)
     cfg.validate()
     return cfg

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import AgentConfig
-from agent.serving.api import ApiServer, ScoringApp
+from agent.serving.api import ApiServer, ScoringApp, TlsSettings
 from agent.serving.runtime import LoadedImage, Runtime, RuntimeSettings
 from agent.serving.scoring import Scorer
 from agent.telemetry.capture import Capturer, CaptureSettings, RecordSink
@@ -75,7 +75,9 @@ class Serving:
                 token=token,
                 executor=self.executor,
             )
-            self.api = ApiServer(app, self.cfg.api.listen)
+            api = self.cfg.api
+            tls = TlsSettings(api.cert, api.key, api.client_ca) if api.cert and api.key else None
+            self.api = ApiServer(app, api.listen, tls)
             self.api.start()
 
     def api_stalled_for(self) -> float:

@@ -15,10 +15,12 @@ import contextlib
 import hmac
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -300,18 +302,34 @@ def bind(listen: str) -> socket.socket:
     return sock
 
 
+@dataclass(frozen=True)
+class TlsSettings:
+    """The API's server certificate and key, and the CA its clients' certificates must chain to."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
 class ApiServer:
     """uvicorn on its own thread and event loop, on a socket we bind (so port 0 works and the
     address is known before the first request)."""
 
-    def __init__(self, app: ScoringApp, listen: str) -> None:
+    def __init__(self, app: ScoringApp, listen: str, tls: TlsSettings | None = None) -> None:
         self.app = app
         self.listen = listen
+        self.tls = tls
         self.sock = bind(listen)
         self.address = self.sock.getsockname()
+        ssl_opts: dict[str, Any] = {}
+        if tls is not None:
+            ssl_opts = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
+            if tls.client_ca is not None:
+                ssl_opts |= {"ssl_ca_certs": str(tls.client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
         self._server = uvicorn.Server(uvicorn.Config(
             app, loop="uvloop", http="httptools", lifespan="off", access_log=False, log_config=None,
             timeout_keep_alive=30, timeout_graceful_shutdown=10, server_header=False, date_header=False,
+            **ssl_opts,
         ))  # fmt: skip
         self.thread = threading.Thread(target=self._serve, name="api", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -333,7 +351,8 @@ class ApiServer:
         if self.sock.family == socket.AF_UNIX:
             return self.listen
         host, port = self.address[0], self.address[1]
-        return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{host}:{port}" if ":" not in host else f"{scheme}://[{host}]:{port}"
 
     def _serve(self) -> None:
         import uvloop
