@@ -24,7 +24,12 @@ STATE_POINTS = sorted(
     {f"state:{s}" for s in {*(k[0] for k in TRANSITIONS), *TRANSITIONS.values()}}
     - {"state:failed", "state:rolled_back"}
 )
-INNER_POINTS = ["installing.before_rename", "activating.before_switch", "activating.after_switch"]
+INNER_POINTS = [
+    "installing.before_rename",
+    "installing.after_rename",
+    "activating.before_switch",
+    "activating.after_switch",
+]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +70,47 @@ def check_converged(
     assert on_disk is not None and on_disk in (old, new)
     assert image_is_complete(agent, on_disk, bundles[on_disk])
     assert status["active"]["sha256"] == on_disk  # the status tells the truth about what runs
+    assert_nothing_left_behind(agent)
     return status
+
+
+def assert_nothing_left_behind(agent: AgentProcess, keep_images: int = 2) -> None:
+    """No crash leftover outlives the restart and the deployment's end: no partial download, no
+    staging directory, no image beyond keep_images (the cleanup runs just after the status)."""
+    store = agent.state_dir / "store"
+
+    def clean() -> bool:
+        return (
+            not list((store / "downloads").glob("*.partial"))
+            and not list((store / "staging").iterdir())
+            and len(list((store / "images").iterdir())) <= keep_images
+        )
+
+    assert wait_until(clean, timeout=10), sorted(
+        p.name for p in store.rglob("*") if p.parent.name in ("downloads", "staging", "images")
+    )
+
+
+def test_a_kill_between_active_and_the_cleanup_leaves_nothing_beyond_keep_images(rig: Rig) -> None:
+    device = "crash-cleanup"
+    agent, _, _ = start_v1(rig, device)
+    b2 = rig.build_bundle(f"{device}-img", "2")
+    rig.deploy(device, rig.manifest(device, b2, 2))
+    rig.wait_active(device, 2)
+    agent.stop()
+    agent.start(env={CRASH_ENV: "state:active"})
+    b3 = rig.build_bundle(f"{device}-img", "3")
+    doc = rig.manifest(device, b3, 3)
+    rig.deploy(device, doc)
+    assert agent.wait(timeout=30) == -9, agent.log_text()[-2000:]
+    images = agent.state_dir / "store" / "images"
+    assert len(list(images.iterdir())) == 3  # killed before the cleanup: one image too many
+    agent.start()
+    rig.wait_active(device, 3)
+    assert_nothing_left_behind(agent)
+    assert sorted(p.name for p in images.iterdir()) == sorted(
+        [doc["image"]["sha256"], rig.manifest(device, b2, 2)["image"]["sha256"]]
+    )
 
 
 @pytest.mark.parametrize("point", STATE_POINTS + INNER_POINTS)

@@ -94,6 +94,7 @@ class BundleStore:
             raise
         if self.fsync:
             fsync_dir(self.images)
+        faults.point("installing.after_rename")
         bundle.unlink(missing_ok=True)
         return final
 
@@ -121,14 +122,18 @@ class BundleStore:
 
     def gc(self, keep: set[str] | None = None) -> list[str]:
         """Delete images beyond ``keep_images`` (never current, previous or ``keep``), oldest first,
-        and partial downloads not in ``keep``. Returns the deleted digests."""
+        and partial downloads not in ``keep`` or already installed. Returns the deleted digests."""
         pinned = {d for d in (self.active(), self.previous()) if d} | (keep or set())
         for tmp in self.root.glob(".current.*"):
             tmp.unlink(missing_ok=True)
         for tmp in self.root.glob(".previous.*"):
             tmp.unlink(missing_ok=True)
+        # A partial download is worth keeping only for a deployment that will resume it (``keep``);
+        # one whose image is installed is garbage whoever pins the image (a kill after the install's
+        # rename and before the download's deletion leaves exactly that).
         for part in self.downloads.glob("*.partial"):
-            if part.name.removesuffix(".partial") not in pinned:
+            digest = part.name.removesuffix(".partial")
+            if digest not in (keep or set()) or self.has_image(digest):
                 part.unlink(missing_ok=True)
         images = sorted(
             (p for p in self.images.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True
