@@ -652,12 +652,13 @@ def _registry_command(cp: ControlPlane, args: argparse.Namespace) -> int:
 def _serve(cp: ControlPlane, args: argparse.Namespace) -> int:
     """The control plane as a service: the artifact endpoint, the fleet's reports in the registry,
     and every live deployment driven (pause/resume/abort/rollback from other processes included)."""
-    from simulators.bundle_server import BundleServer
+    # Imported here: the HTTP server is needed by this one long-running command only.
+    from deploy.artifact_server import ArtifactServer
 
     listen = args.listen or cp.cfg.serve.listen
     host, _, port = listen.rpartition(":")
     root = cp.artifacts.root
-    server = BundleServer(root, host=host, port=int(port), keep_requests=1000).start() if root else None
+    server = ArtifactServer(root, host=host, port=int(port), keep_requests=1000).start() if root else None
     driver = cp.driver()
     # One identity per host and home: a serve restarted after a crash takes its own lease back at once.
     driver.owner = f"serve@{socket.gethostname()}:{cp.cfg.home.absolute()}"
