@@ -1,4 +1,5 @@
-"""score.py workers (agent/serving/worker.py, agent/serving/worker_child.py) and per-image environments (agent/serving/pyenv.py).
+"""score.py workers (agent/serving/worker.py, agent/serving/worker_child.py) and per-image
+environments (agent/serving/pyenv.py).
 
 Everything here runs real processes: the scoring scripts are small files written into a temporary
 image directory laid out like the store's ``images/<sha256>/``.

@@ -1,8 +1,9 @@
 """A score.py worker: runs one image's Azure ML scoring script in a process of its own.
 
-Started by ``agent/serving/worker.py`` as ``<python> /abs/path/agent/serving/worker_child.py <image_dir> <entry_script>``,
-possibly under the image's own virtual environment (``agent/serving/pyenv.py``), whose interpreter need not
-see the ``agent`` package: so this file imports nothing but the standard library.
+Started by ``agent/serving/worker.py`` as
+``<python> /abs/path/agent/serving/worker_child.py <image_dir> <entry_script>``, possibly under the
+image's own virtual environment (``agent/serving/pyenv.py``), whose interpreter need not see the
+``agent`` package: so this file imports nothing but the standard library.
 
 What the scoring script sees is what Azure ML's inference server (azureml-inference-server-http)
 gives it: ``AZUREML_MODEL_DIR`` names the image's ``models/`` directory, the working directory is the

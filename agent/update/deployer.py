@@ -99,9 +99,9 @@ StatusSink = Callable[[dict[str, Any]], None]
 
 
 class Activator(Protocol):
-    """What makes an installed image serve (agent/serving/activation.py). The deployer calls ``prepare`` before
-    switching ``current`` (load beside the serving image, smoke-test it; raise a DeploymentError to
-    keep the old one) and ``commit`` after the switch (take traffic)."""
+    """What makes an installed image serve (agent/serving/activation.py). The deployer calls
+    ``prepare`` before switching ``current`` (load beside the serving image, smoke-test it; raise a
+    DeploymentError to keep the old one) and ``commit`` after the switch (take traffic)."""
 
     def prepare(self, image_dir: Path, manifest: mf.Manifest) -> Any: ...
 
