@@ -1,0 +1,51 @@
+"""``edge-deploy serve``: the control plane as a long-running service."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from deploy.cli._common import open_plane
+from deploy.registry import LIVE_STATES
+
+if TYPE_CHECKING:
+    from deploy.cli._common import Subparsers
+
+
+def add_parser(sub: Subparsers) -> None:
+    sv = sub.add_parser("serve", help="serve the local artifact store over HTTP and drive every live rollout")
+    sv.add_argument("--listen", help="HOST:PORT (default serve.listen)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """The control plane as a service: the artifact endpoint, the fleet's reports in the registry,
+    and every live deployment driven (pause/resume/abort/rollback from other processes included)."""
+    # Imported here: the HTTP server is needed by this one long-running command only.
+    from deploy.artifact_server import ArtifactServer
+
+    with open_plane(args) as cp:
+        listen = args.listen or cp.cfg.serve.listen
+        host, _, port = listen.rpartition(":")
+        root = cp.artifacts.root
+        server = ArtifactServer(root, host=host, port=int(port), keep_requests=1000).start() if root else None
+        driver = cp.driver()
+        # One identity per host and home: a serve restarted after a crash takes its own lease back at once.
+        driver.owner = f"serve@{socket.gethostname()}:{cp.cfg.home.absolute()}"
+        print(
+            json.dumps({"serving": server.url if server else None, "registry": str(cp.cfg.registry_path)}),
+            flush=True,
+        )
+        try:
+            while True:
+                cp.ingest()
+                for dep in cp.registry.deployments():
+                    live = dep["state"] in LIVE_STATES or dep["command"]
+                    if live and cp.registry.take_lease(dep["id"], driver.owner, driver.LEASE_S):
+                        driver.step_or_wait(dep["id"])
+                time.sleep(cp.cfg.serve.poll)
+        finally:
+            if server is not None:
+                server.stop()
