@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,6 +30,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from edge_core.fsutil import atomic_write
 
 __all__ = [
     "cert_common_name",
@@ -269,41 +270,10 @@ def issue_cert(
 
 
 def write_pem(path: str | os.PathLike[str], data: bytes, private: bool) -> None:
-    """Write PEM data atomically: readers see the old file or the new one, never a partial one.
-
-    The data goes to a temporary file in the same directory (created 0600 by :mod:`tempfile`), is
-    flushed to disk, then renamed over ``path``. A private key therefore never exists with looser
-    permissions than 0600, not even between creation and a later chmod; certificates get 0644.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as tmp:
-            if not private:
-                os.fchmod(tmp.fileno(), 0o644)
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename itself; without it a power cut can bring back the old file (or none)."""
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory file descriptors
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(dir_fd)
+    """Write PEM data atomically (readers see the old file or the new one, never a partial one) and
+    durably. A private key is created 0600 and never exists with looser permissions, not even
+    between creation and a later chmod; certificates get 0644."""
+    atomic_write(Path(path), data, mode=0o600 if private else 0o644)
 
 
 def cert_expiry(cert_pem: bytes) -> datetime:

@@ -122,13 +122,19 @@ def demo(workdir: Path, devices: int, keep: bool) -> int:
     with Rig(workdir) as rig:
         cp, artifacts = _control_plane(rig, workdir / "control-plane")
         try:
-            return _demo(rig, cp, ids, workdir, keep)
+            code = _demo(rig, cp, ids, workdir)
         finally:
             cp.close()
             artifacts.stop()
+    # Only now: the agents, the broker and the artifact server have stopped writing into it.
+    if keep:
+        _say(f"State and logs: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return code
 
 
-def _demo(rig: Rig, cp: ControlPlane, ids: list[str], workdir: Path, keep: bool) -> int:
+def _demo(rig: Rig, cp: ControlPlane, ids: list[str], workdir: Path) -> int:
     _say(f"broker   mqtts://{rig.broker.host}:{rig.broker.port} (mutual TLS, per-device ACL)")
     _say(f"registry {cp.cfg.registry_path}; artifacts served at {cp.cfg.public_url}")
     _say(f"signing  key {mf.key_id(rig.key.public_key())[:16]} (Ed25519)")
@@ -207,12 +213,7 @@ def _demo(rig: Rig, cp: ControlPlane, ids: list[str], workdir: Path, keep: bool)
         s = cp.summary(dep["id"])
         _say(f"  {s['id']}  {s['image']:<18} {s['state']:<12} models {','.join(s['models'])}  {s['counts']}")
     failed = sum(v for k, v in counts.items() if not k.startswith("v"))
-    _say(
-        f"\nevery device's status matches the image on its disk; {failed} failed requests. "
-        f"State and logs: {workdir}"
-    )
-    if not keep:
-        shutil.rmtree(workdir, ignore_errors=True)
+    _say(f"\nevery device's status matches the image on its disk; {failed} failed requests.")
     return 1 if failed else 0
 
 

@@ -35,3 +35,4 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "iris-classifier:2  rolled_back  models iris:2  {'reverted': 2}" in out
     assert "every device's status matches the image on its disk; 0 failed requests" in out
     assert not (tmp_path / "demo").exists()  # cleaned up without --keep
+    assert str(tmp_path / "demo") not in out.strip().splitlines()[-1]  # names no folder that is gone

@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from edge_core.fsutil import atomic_write
 
 FILENAME = "run.json"
 
 
 def write(state_dir: Path, doc: dict[str, Any]) -> None:
-    path = state_dir / FILENAME
-    tmp = path.with_name(f".{FILENAME}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, sort_keys=True, separators=(",", ":")))
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    # Readers see the old file or the new one, never half of one. Not fsynced: it says what the
+    # process is doing now, is rewritten every 15 s, and the state directory is often an SD card.
+    data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    atomic_write(state_dir / FILENAME, data, durable=False)
 
 
 def read(state_dir: Path) -> dict[str, Any] | None:
