@@ -2,8 +2,17 @@
 
 The broker authenticates every client by its TLS certificate and uses the certificate's common name
 as the MQTT username (mosquitto's ``use_identity_as_username``); the ACL then confines a device to
-its own topic subtree (see :func:`edge_core.topics.mosquitto_acl`). So a device's identity *is* the CN
-of the certificate this module issues, and an operator's tooling uses it to enrol devices.
+its own topic subtree (see :func:`edge_core.topics.mosquitto_device_acl`). So a device's identity
+*is* the CN of the certificate this module issues, and an operator's tooling uses it to enrol devices.
+
+The client id is tied to the CN as well: on the devices' listener ``use_username_as_clientid`` replaces
+it with the CN, or device A's certificate connecting as ``dev-b`` would log dev-b off and take its
+session. Operators keep their own client ids (their processes share one certificate and connect at
+the same time), so they connect to a listener of their own that trusts only a second CA, one that
+issues operator certificates and nothing else: create two CAs with :func:`create_ca`, sign device
+certificates with the first and operator certificates with the second. docs/status.md shows the
+mosquitto configuration (simulators/broker.py writes it), and the same rule on EMQX, HiveMQ, AWS IoT
+Core and Azure IoT Hub.
 
 Choices, and why:
 

@@ -7,7 +7,8 @@
     {prefix}/devices/{device_id}/heartbeat   written by the device: small periodic summary
 
 The broker's ACL lets a device read only its ``desired`` topic and write only the others of its own
-subtree (see :func:`mosquitto_acl`).
+subtree (:func:`mosquitto_device_acl`); operators, on a listener of their own, read and write the whole
+prefix (:func:`mosquitto_operator_acl`).
 """
 
 from __future__ import annotations
@@ -48,12 +49,25 @@ class Topics:
         return self._t("heartbeat")
 
 
-def mosquitto_acl(prefix: str = DEFAULT_PREFIX, operators: tuple[str, ...] = ("operator",)) -> str:
-    """A mosquitto ACL file: ``%u`` is the client certificate's CN (use_identity_as_username)."""
+def mosquitto_device_acl(prefix: str = DEFAULT_PREFIX) -> str:
+    """The device listener's mosquitto ACL: patterns only, ``%u`` being the certificate's CN.
+
+    No ``user`` line: an operator certificate on this listener can do nothing, so the operators'
+    grants live only on the operator listener (:func:`mosquitto_operator_acl`).
+    """
     lines = ["# devices: each reads its own desired state and writes its own reports"]
     lines += [f"pattern read {prefix}/devices/%u/{leaf}" for leaf in DEVICE_READS]
     lines += [f"pattern write {prefix}/devices/%u/{leaf}" for leaf in DEVICE_WRITES]
-    for op in operators:
-        lines += ["", "# operator identity: writes desired state, reads every report", f"user {op}"]
-        lines += [f"topic readwrite {prefix}/#"]
     return "\n".join(lines) + "\n"
+
+
+def mosquitto_operator_acl(prefix: str = DEFAULT_PREFIX, operators: tuple[str, ...] = ("operator",)) -> str:
+    """The operator listener's mosquitto ACL: each operator CN reads and writes the whole prefix.
+
+    No patterns: a certificate that is not an operator's gets nothing on this listener.
+    """
+    lines: list[str] = []
+    for op in operators:
+        lines += ["# operator identity: writes desired state, reads every report", f"user {op}"]
+        lines += [f"topic readwrite {prefix}/#", ""]
+    return "\n".join(lines)

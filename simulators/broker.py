@@ -1,11 +1,28 @@
 """A real mosquitto broker, configured like production, for tests, the demo and the simulators.
 
 Running the actual broker rather than a fake is the point: the ACL (a device reads only its own
-``desired`` topic), certificate authentication (the certificate CN is the MQTT username), retained
-messages and persistence across a crash are exactly the behaviours the agent relies on, and a fake
-would only encode our assumptions about them.
+``desired`` topic), certificate authentication (the certificate CN is the MQTT username, and on the
+device listener the client id too), retained messages and persistence across a crash are exactly the
+behaviours the agent relies on, and a fake would only encode our assumptions about them.
 
-Everything lives in one work directory: the CA, the server and client certificates, the ACL, the
+With TLS the broker has two listeners (``per_listener_settings true``), because devices and operators
+need opposite rules about the client id:
+
+* the **device listener** (:attr:`Mosquitto.port`) replaces every client id with the certificate's CN
+  (``use_username_as_clientid``). Otherwise device A's certificate connecting with client id ``dev-b``
+  would log dev-b off and take over its session: the ACL would keep A out of dev-b's topics, but not
+  stop the denial of service. Its ACL holds only the device patterns.
+* the **operator listener** (:attr:`Mosquitto.operator_port`) keeps the client's own id, because every
+  operator process (``edge-deploy``, ``serve``, the simulators' bridges) presents the one operator
+  certificate with an ``operator-<random>`` id, and forcing them all to ``operator`` would have them
+  log each other off. Since nothing stops a client there from claiming any id, the listener trusts
+  only a separate operator CA (:attr:`Mosquitto.operator_ca_path`): a device certificate cannot open
+  a session on it at all, and its ACL holds only the operator users.
+
+Both listeners are one broker: retained messages and sessions are shared, so what an operator
+publishes reaches the devices.
+
+Everything lives in one work directory: the CAs, the server and client certificates, the ACLs, the
 configuration, the persistence database and the logs. The certificates are made once and reused by
 :meth:`Mosquitto.restart` and by a later :class:`Mosquitto` on the same directory, so clients that
 were handed certificates keep working across restarts.
@@ -32,7 +49,7 @@ from typing import IO, Self
 import psutil
 
 from deploy import pki
-from edge_core.topics import DEFAULT_PREFIX, mosquitto_acl
+from edge_core.topics import DEFAULT_PREFIX, mosquitto_device_acl, mosquitto_operator_acl
 
 __all__ = ["BrokerError", "ClientCert", "Mosquitto", "find_mosquitto", "free_port"]
 
@@ -129,7 +146,11 @@ class Mosquitto:
         with Mosquitto(tmp_path / "broker") as broker:
             cert = broker.client_cert("dev-1")
             client.tls_set(str(cert.ca_path), str(cert.cert_path), str(cert.key_path))
-            client.connect(broker.host, broker.port)
+            client.connect(broker.host, broker.port)  # an operator: broker.operator_port
+
+    Devices connect to :attr:`port`, operators (``client_cert("operator")``) to :attr:`operator_port`;
+    see the module docstring for why they are two listeners. Without TLS there is one anonymous
+    listener and :attr:`operator_port` is :attr:`port`.
 
     ``autosave_changes`` makes the broker write its persistence database after that many changes
     (retained messages, subscriptions, queued messages); the default of 1 means state survives
@@ -142,6 +163,7 @@ class Mosquitto:
         *,
         host: str = "127.0.0.1",
         port: int | None = None,
+        operator_port: int | None = None,
         tls: bool = True,
         prefix: str = DEFAULT_PREFIX,
         operators: tuple[str, ...] = ("operator",),
@@ -152,6 +174,7 @@ class Mosquitto:
         self.workdir = Path(workdir).absolute()
         self._host = host
         self._port = port
+        self._operator_port = operator_port
         self.tls = tls
         self.prefix = prefix
         self.operators = tuple(operators)
@@ -174,11 +197,29 @@ class Mosquitto:
         return self._port
 
     @property
-    def url(self) -> str:
-        """``mqtts://host:port`` (``mqtt://`` without TLS), the form the agent's configuration takes."""
+    def operator_port(self) -> int:
+        """The operator listener's port (chosen by :meth:`start` when none was given); without TLS, the
+        one listener's."""
+        if not self.tls:
+            return self.port
+        if self._operator_port is None:
+            raise BrokerError("the broker has no operator port yet: call start() first")
+        return self._operator_port
+
+    def _url(self, port: int) -> str:
         scheme = "mqtts" if self.tls else "mqtt"
         host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"{scheme}://{host}:{self.port}"
+        return f"{scheme}://{host}:{port}"
+
+    @property
+    def url(self) -> str:
+        """``mqtts://host:port`` (``mqtt://`` without TLS), the form the agent's configuration takes."""
+        return self._url(self.port)
+
+    @property
+    def operator_url(self) -> str:
+        """:attr:`url` for the operator listener."""
+        return self._url(self.operator_port)
 
     @property
     def ca_path(self) -> Path:
@@ -187,6 +228,15 @@ class Mosquitto:
     @property
     def ca_key_path(self) -> Path:
         return self.workdir / "ca.key"
+
+    @property
+    def operator_ca_path(self) -> Path:
+        """The CA of operator certificates: the only one the operator listener trusts."""
+        return self.workdir / "operator-ca.crt"
+
+    @property
+    def operator_ca_key_path(self) -> Path:
+        return self.workdir / "operator-ca.key"
 
     @property
     def server_cert_path(self) -> Path:
@@ -202,7 +252,12 @@ class Mosquitto:
 
     @property
     def acl_path(self) -> Path:
+        """The device listener's ACL."""
         return self.workdir / "acl"
+
+    @property
+    def operator_acl_path(self) -> Path:
+        return self.workdir / "operator.acl"
 
     @property
     def log_path(self) -> Path:
@@ -267,22 +322,42 @@ class Mosquitto:
         pki.write_pem(self.server_key_path, key, private=True)
         pki.write_pem(self.server_cert_path, cert, private=False)
 
-    def client_cert(self, name: str) -> ClientCert:
-        """A client certificate with CN ``name`` signed by this broker's CA, issued once and cached.
+    def ensure_operator_ca(self) -> None:
+        """Create the operator CA, once. Apart from :meth:`ensure_pki` so that a subclass with no
+        operator listener (simulators/iothub.py) makes none."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not (self.operator_ca_path.exists() and self.operator_ca_key_path.exists()):
+            cert, key = pki.create_ca(f"edge-ml test operator CA ({self.workdir.name})")
+            pki.write_pem(self.operator_ca_key_path, key, private=True)
+            pki.write_pem(self.operator_ca_path, cert, private=False)
 
-        Devices use their device id as ``name``; the operator uses ``"operator"`` (or one of
-        ``operators``). The broker takes the CN as the MQTT username and applies the ACL to it.
+    def client_cert(self, name: str) -> ClientCert:
+        """A client certificate with CN ``name``, issued once and cached.
+
+        Devices use their device id as ``name``; their certificates come from the broker's CA and
+        work on :attr:`port` only. A name in ``operators`` (``"operator"`` by default) gets one from the
+        operator CA, which works on :attr:`operator_port` only. The broker takes the CN as the MQTT
+        username and applies that listener's ACL to it. ``ca_path`` is the broker's CA either way: it
+        is what the client verifies the server with.
         """
         if not self.tls:
             raise BrokerError("this broker was started without TLS: client certificates are not used")
         if not name or name in (".", "..") or "/" in name or "\\" in name:
             raise ValueError(f"invalid client name {name!r}")
         self.ensure_pki()
-        directory = self.workdir / "clients"
+        if name in self.operators:
+            self.ensure_operator_ca()
+            # Not clients/: a work directory from before the operator CA has a device-CA operator
+            # certificate cached there, which the operator listener would refuse.
+            directory = self.workdir / "operators"
+            issuer, issuer_key = self.operator_ca_path, self.operator_ca_key_path
+        else:
+            directory = self.workdir / "clients"
+            issuer, issuer_key = self.ca_path, self.ca_key_path
         cert_path = directory / f"{name}.crt"
         key_path = directory / f"{name}.key"
         if not (cert_path.exists() and key_path.exists()):
-            cert, key = pki.issue_cert(self.ca_path.read_bytes(), self.ca_key_path.read_bytes(), name)
+            cert, key = pki.issue_cert(issuer.read_bytes(), issuer_key.read_bytes(), name)
             pki.write_pem(key_path, key, private=True)
             pki.write_pem(cert_path, cert, private=False)
         return ClientCert(ca_path=self.ca_path, cert_path=cert_path, key_path=key_path)
@@ -294,26 +369,42 @@ class Mosquitto:
         if any(c in str(self.workdir) for c in "\r\n"):
             # Every path below is one line of the configuration file.
             raise BrokerError(f"work directory path contains a line break: {str(self.workdir)!r}")
-        lines = [
-            "# Generated by simulators/broker.py; rewritten on every start.",
-            # One set of security settings for the whole broker, so the ACL below applies everywhere.
-            "per_listener_settings false",
-            f"listener {self.port} {self._host}",
-        ]
+        lines = ["# Generated by simulators/broker.py; rewritten on every start."]
         if self.tls:
-            lines += [
-                f"cafile {self.ca_path}",
+            tls = [
                 f"certfile {self.server_cert_path}",
                 f"keyfile {self.server_key_path}",
-                "require_certificate true",
-                # The client certificate's CN becomes the username the ACL's %u refers to.
-                "use_identity_as_username true",
                 "tls_version tlsv1.2",
+            ]
+            lines += [
+                # Each listener its own security settings: the two need different client-id rules,
+                # ACLs and trusted CAs (module docstring).
+                "per_listener_settings true",
+                "",
+                "# devices: the client id is forced to the certificate's CN",
+                f"listener {self.port} {self._host}",
+                *tls,
+                f"cafile {self.ca_path}",
+                "require_certificate true",
+                # The client certificate's CN becomes the username the ACL's %u refers to ...
+                "use_identity_as_username true",
+                # ... and the client id, so that no certificate can claim another device's session.
+                "use_username_as_clientid true",
                 f"acl_file {self.acl_path}",
                 "allow_anonymous false",
+                "",
+                "# operators: only the operator CA; several processes share one CN, so ids stay theirs",
+                f"listener {self.operator_port} {self._host}",
+                *tls,
+                f"cafile {self.operator_ca_path}",
+                "require_certificate true",
+                "use_identity_as_username true",
+                f"acl_file {self.operator_acl_path}",
+                "allow_anonymous false",
+                "",
             ]
         else:
-            lines += ["allow_anonymous true"]
+            lines += [f"listener {self.port} {self._host}", "allow_anonymous true"]
         lines += [
             "persistence true",
             # mosquitto 1.x joins the location and file name by plain concatenation: keep the slash.
@@ -343,8 +434,14 @@ class Mosquitto:
     def _write_config(self) -> None:
         if self.tls:
             self.ensure_pki()
-            self.acl_path.write_text(mosquitto_acl(self.prefix, self.operators))
+            self.ensure_operator_ca()
+            self.acl_path.write_text(mosquitto_device_acl(self.prefix))
+            self.operator_acl_path.write_text(mosquitto_operator_acl(self.prefix, self.operators))
         self.conf_path.write_text(self.config_text())
+
+    def _listen_ports(self) -> list[int]:
+        """The ports :meth:`start` waits for: every listener the configuration opens."""
+        return [self.port, self.operator_port] if self.tls else [self.port]
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -356,6 +453,11 @@ class Mosquitto:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self._port is None:
             self._port = free_port(self._host)
+        if self.tls and self._operator_port is None:
+            # free_port releases the port at once: the kernel may hand the same one out again.
+            while (candidate := free_port(self._host)) == self._port:
+                pass
+            self._operator_port = candidate
         self._write_config()
         output = self.output_path.open("ab")
         try:
@@ -376,11 +478,11 @@ class Mosquitto:
         except BaseException:
             self.kill()
             raise
-        log.info("mosquitto pid %d listening on %s", proc.pid, self.url)
+        log.info("mosquitto pid %d listening on %s", proc.pid, " and ".join(map(str, self._listen_ports())))
         return self
 
     def _wait_ready(self, proc: subprocess.Popen[bytes]) -> None:
-        """Wait until *this* process listens on the port.
+        """Wait until *this* process listens on every port of its configuration.
 
         Asking the kernel which process owns the listening socket, rather than dialling the port,
         cannot mistake another server that took the port for our broker, and leaves no failed-TLS
@@ -394,11 +496,12 @@ class Mosquitto:
                     f"--- {self.output_path.name} ---\n{_tail(self.output_path)}"
                     f"--- {self.log_path.name} ---\n{_tail(self.log_path)}"
                 )
-            if _listens_on(proc.pid, self.port):
+            missing = [port for port in self._listen_ports() if not _listens_on(proc.pid, port)]
+            if not missing:
                 return
             if time.monotonic() > deadline:
                 raise BrokerError(
-                    f"mosquitto did not listen on {self._host}:{self.port} within {START_TIMEOUT_S:.0f} s\n"
+                    f"mosquitto did not listen on {self._host}:{missing} within {START_TIMEOUT_S:.0f} s\n"
                     f"--- {self.log_path.name} ---\n{_tail(self.log_path)}"
                 )
             time.sleep(0.01)
@@ -431,7 +534,7 @@ class Mosquitto:
         self._reap(signal.SIGKILL)
 
     def restart(self) -> Self:
-        """Stop (if still running) and start again on the same port with the same persistence."""
+        """Stop (if still running) and start again on the same ports with the same persistence."""
         self.stop()
         return self.start()
 
@@ -448,5 +551,7 @@ class Mosquitto:
 
     def __repr__(self) -> str:
         port = self._port if self._port is not None else "?"
+        if self.tls:
+            port = f"{port}, operators {self._operator_port if self._operator_port is not None else '?'}"
         state = f"pid {self.pid}" if self.running else "stopped"
         return f"Mosquitto({self._host}:{port}, tls={self.tls}, {state}, workdir={str(self.workdir)!r})"

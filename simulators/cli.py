@@ -49,7 +49,7 @@ def _control_plane(rig: Rig, home: Path) -> tuple[ControlPlane, BundleServer]:
     cert = rig.broker.client_cert("operator")
     (home / "config.toml").write_text(
         to_toml({
-            "broker": {"host": rig.broker.host, "port": rig.broker.port, "ca": str(cert.ca_path),
+            "broker": {"host": rig.broker.host, "port": rig.broker.operator_port, "ca": str(cert.ca_path),
                        "cert": str(cert.cert_path), "key": str(cert.key_path), "prefix": rig.broker.prefix},
             "artifacts": {"public_url": server.url + "/"},
         })
@@ -135,7 +135,8 @@ def demo(workdir: Path, devices: int, keep: bool) -> int:
 
 
 def _demo(rig: Rig, cp: ControlPlane, ids: list[str], workdir: Path) -> int:
-    _say(f"broker   mqtts://{rig.broker.host}:{rig.broker.port} (mutual TLS, per-device ACL)")
+    _say(f"broker   {rig.broker.url} for devices (mutual TLS, client id = certificate CN, per-device ACL), "
+         f"{rig.broker.operator_url} for the operator")  # fmt: skip
     _say(f"registry {cp.cfg.registry_path}; artifacts served at {cp.cfg.public_url}")
     _say(f"signing  key {mf.key_id(rig.key.public_key())[:16]} (Ed25519)")
     for d in ids:
@@ -263,8 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--device", action="append", required=True, metavar="ID", help="a device (repeatable)")
     h.add_argument("--x509", action="store_true", help="X.509 device certificates instead of SAS keys")
     h.add_argument("--workdir", type=Path, default=Path("hub-run"))
-    h.add_argument("--bridge", metavar="HOST:PORT", help="the control plane's broker, to deploy through")
-    h.add_argument("--bridge-dir", type=Path, help="that broker's work directory (its operator certificate)")
+    h.add_argument(
+        "--bridge",
+        metavar="HOST:PORT",
+        help="the operator listener of the control plane's broker, to deploy through",
+    )
+    h.add_argument("--bridge-dir", type=Path, help="that broker's work directory (its operator CA)")
     sc = sub.add_parser("scenario", help="run a scripted scenario (fleet, rollouts, faults) and report")
     sc.add_argument("file", type=Path, help="the scenario (JSON; see simulators/scenario.py)")
     sc.add_argument("--workdir", type=Path, default=Path("scenario-run"))
@@ -294,7 +299,7 @@ def _hub(args: argparse.Namespace) -> int:
                   file=sys.stderr)  # fmt: skip
             return 2
         host, _, port = args.bridge.rpartition(":")
-        bridge = Mosquitto(args.bridge_dir, host=host, port=int(port))
+        bridge = Mosquitto(args.bridge_dir, host=host, operator_port=int(port))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -20,7 +20,9 @@ retained reports, and heartbeat messages the ``heartbeat`` topic. So ``edge-depl
 fleet behind IoT Hub exactly as to one on a plain broker.
 
 X.509 devices are authenticated by mosquitto (the client certificate must chain to the hub's CA and
-be valid). A SAS token is accepted without checking its signature: mosquitto cannot compute it.
+be valid), and their client id is forced to the certificate's CN, which is the device id: IoT Hub
+refuses a client id other than the authenticated device's. A SAS token is accepted without checking
+its signature: mosquitto cannot compute it.
 """
 
 from __future__ import annotations
@@ -88,13 +90,18 @@ def twin_problem(doc: Any, depth: int = 1) -> str | None:
 
 class HubBroker(Mosquitto):
     """One device's view of the hub: TLS on ``address:8883``, and a plain inside listener on
-    127.0.0.1 for the responder."""
+    127.0.0.1 for the responder (the hub's service side, so it takes the operator port's place)."""
 
     def __init__(self, workdir: Path, ca_dir: Path, address: str, x509: bool) -> None:
-        super().__init__(workdir, host=address, port=PORT, autosave_changes=0)
+        super().__init__(
+            workdir, host=address, port=PORT, operator_port=free_port("127.0.0.1"), autosave_changes=0
+        )
         self.ca_dir = ca_dir
         self.x509 = x509
-        self.inside_port = free_port("127.0.0.1")
+
+    @property
+    def inside_port(self) -> int:
+        return self.operator_port
 
     @property
     def ca_path(self) -> Path:
@@ -115,16 +122,31 @@ class HubBroker(Mosquitto):
             "tls_version tlsv1.2",
         ]
         if self.x509:
-            lines += ["require_certificate true", "use_identity_as_username true", "allow_anonymous false"]
+            lines += [
+                "require_certificate true",
+                "use_identity_as_username true",
+                # The CN is the device id: another certificate of the hub's cannot take this
+                # device's session, nor the responder's, by claiming its client id.
+                "use_username_as_clientid true",
+                "allow_anonymous false",
+            ]
         else:
             lines += ["allow_anonymous true"]
         lines += [
+            # The responder's listener: no client-id rewriting (per_listener_settings confines it to
+            # the device's listener above), so the responder keeps its own id. The simulated hub's
+            # own side, on 127.0.0.1 rather than the device's address, needs no certificate.
             f"listener {self.inside_port} 127.0.0.1",
             "allow_anonymous true",
             "persistence false",
             *self._process_lines(),
         ]
         return "\n".join(lines) + "\n"
+
+    def _write_config(self) -> None:
+        # The server certificate only: no operator CA and no ACLs, the inside listener has neither.
+        self.ensure_pki()
+        self.conf_path.write_text(self.config_text())
 
 
 @dataclass
@@ -394,7 +416,7 @@ class IotHubSim:
             client.on_connect = self._on_bridge_connect
             client.on_message = self._on_bridge_message
             client.reconnect_delay_set(1, 2)
-            client.connect(self._bridge_broker.host, self._bridge_broker.port, keepalive=30)
+            client.connect(self._bridge_broker.host, self._bridge_broker.operator_port, keepalive=30)
             client.loop_start()
             self._bridge = client
         return self

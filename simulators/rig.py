@@ -165,7 +165,7 @@ class Rig:
         cert = self.broker.client_cert("operator")
         self.operator = OperatorClient(
             self.broker.host,
-            self.broker.port,
+            self.broker.operator_port,
             ca=cert.ca_path,
             cert=cert.cert_path,
             key=cert.key_path,

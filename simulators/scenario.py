@@ -132,7 +132,7 @@ class Scenario:
         cert = rig.broker.client_cert("operator")
         (home / "config.toml").write_text(
             to_toml({
-                "broker": {"host": rig.broker.host, "port": rig.broker.port, "ca": str(cert.ca_path),
+                "broker": {"host": rig.broker.host, "port": rig.broker.operator_port, "ca": str(cert.ca_path),
                            "cert": str(cert.cert_path), "key": str(cert.key_path),
                            "prefix": rig.broker.prefix},
                 # the rig's bundle server serves the artifact store, faults included

@@ -118,7 +118,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             f"""
 [broker]
 host = "{rig.broker.host}"
-port = {rig.broker.port}
+port = {rig.broker.operator_port}
 ca = "{cert.ca_path}"
 cert = "{cert.cert_path}"
 key = "{cert.key_path}"

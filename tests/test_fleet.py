@@ -44,7 +44,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     cert = broker.client_cert("operator")
     (home / "config.toml").write_text(
         to_toml({
-            "broker": {"host": broker.host, "port": broker.port, "ca": str(cert.ca_path),
+            "broker": {"host": broker.host, "port": broker.operator_port, "ca": str(cert.ca_path),
                        "cert": str(cert.cert_path), "key": str(cert.key_path), "prefix": broker.prefix},
             "artifacts": {"public_url": server.url + "/"},
         })

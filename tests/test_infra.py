@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
+from conftest import tls_refused
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -106,6 +107,7 @@ def test_device_reads_own_desired_and_writes_own_status(
     broker: Mosquitto, mqtt_client: MqttClientFactory
 ) -> None:
     assert broker.url == f"mqtts://127.0.0.1:{broker.port}"
+    assert broker.operator_url == f"mqtts://127.0.0.1:{broker.operator_port}" != broker.url
     operator = mqtt_client("operator")
     operator.subscribe("edge/devices/+/status")
     device = mqtt_client("dev-1")
@@ -142,38 +144,11 @@ def test_device_cannot_read_another_devices_desired(
         operator.publish(topic, b"", retain=True)
 
 
-def _refused(broker: Mosquitto, certfile: Path | None = None, keyfile: Path | None = None) -> bool:
-    """Whether the broker refuses a TLS client presenting ``certfile`` (or no certificate)."""
-    context = ssl.create_default_context(cafile=str(broker.ca_path))
-    if certfile is not None:
-        context.load_cert_chain(str(certfile), str(keyfile) if keyfile else None)
-    client = mqtt.Client(client_id="intruder", protocol=mqtt.MQTTv5)
-    client.tls_set_context(context)
-    connected = threading.Event()
-    client.on_connect = lambda c, u, f, rc, p=None: connected.set() if rc == 0 else None
-    # Drive the network loop in this thread: a refusal surfaces as an exception or an error code
-    # (with TLS 1.3 the client finishes its handshake before the server checks the certificate,
-    # so the refusal is an alert read after connect() returned).
-    try:
-        client.connect(broker.host, broker.port)
-        deadline = time.monotonic() + 3
-        while not connected.is_set():
-            if client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:
-                return True
-            assert time.monotonic() < deadline, "neither accepted nor refused"
-    except (ssl.SSLError, OSError):
-        return True
-    finally:
-        sock = client.socket()
-        if sock is not None:
-            sock.close()
-    return False
-
-
 def test_clients_without_a_valid_certificate_are_refused(broker: Mosquitto, tmp_path: Path) -> None:
     valid = broker.client_cert("dev-1")
-    assert not _refused(broker, valid.cert_path, valid.key_path)  # the probe itself can tell
-    assert _refused(broker)
+    assert not tls_refused(broker, broker.port, valid.cert_path, valid.key_path)  # the probe itself can tell
+    assert tls_refused(broker, broker.port)
+    assert tls_refused(broker, broker.operator_port)
 
     ca_cert, ca_key = broker.ca_path.read_bytes(), broker.ca_key_path.read_bytes()
     expired, expired_key = pki.issue_cert(
@@ -181,20 +156,21 @@ def test_clients_without_a_valid_certificate_are_refused(broker: Mosquitto, tmp_
     )
     pki.write_pem(tmp_path / "expired.crt", expired, private=False)
     pki.write_pem(tmp_path / "expired.key", expired_key, private=True)
-    assert _refused(broker, tmp_path / "expired.crt", tmp_path / "expired.key")
+    assert tls_refused(broker, broker.port, tmp_path / "expired.crt", tmp_path / "expired.key")
 
     rogue_ca = pki.create_ca("rogue")
     rogue, rogue_key = pki.issue_cert(*rogue_ca, "operator")
     pki.write_pem(tmp_path / "rogue.crt", rogue, private=False)
     pki.write_pem(tmp_path / "rogue.key", rogue_key, private=True)
-    assert _refused(broker, tmp_path / "rogue.crt", tmp_path / "rogue.key")
+    assert tls_refused(broker, broker.port, tmp_path / "rogue.crt", tmp_path / "rogue.key")
+    assert tls_refused(broker, broker.operator_port, tmp_path / "rogue.crt", tmp_path / "rogue.key")
 
 
 def test_kill_and_restart_keep_port_certificates_and_retained_messages(
     tmp_path: Path, mqtt_client: MqttClientFactory
 ) -> None:
     with Mosquitto(tmp_path / "broker") as broker:
-        port, ca = broker.port, broker.ca_path.read_bytes()
+        ports, ca = (broker.port, broker.operator_port), broker.ca_path.read_bytes()
         operator = mqtt_client("operator", broker=broker)
         db = broker.persistence_path
         before = db.stat().st_mtime_ns if db.exists() else None
@@ -210,7 +186,7 @@ def test_kill_and_restart_keep_port_certificates_and_retained_messages(
         assert not broker.running
         broker.restart()
         assert broker.running
-        assert broker.port == port
+        assert (broker.port, broker.operator_port) == ports
         assert broker.ca_path.read_bytes() == ca
 
         device = mqtt_client("dev-9", broker=broker)
@@ -234,6 +210,7 @@ def test_start_fails_loudly_when_the_port_is_taken(tmp_path: Path) -> None:
 def test_plain_broker_without_tls(tmp_path: Path) -> None:
     with Mosquitto(tmp_path / "plain", tls=False) as broker:
         assert broker.url.startswith("mqtt://")
+        assert broker.operator_port == broker.port  # one listener for everyone
         client = mqtt.Client(client_id="anyone", protocol=mqtt.MQTTv5)
         connected = threading.Event()
         client.on_connect = lambda c, u, f, rc, p=None: connected.set() if rc == 0 else None

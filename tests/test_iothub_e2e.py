@@ -13,12 +13,15 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
+from conftest import MqttClient
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.channel.iothub import status_from_twin
@@ -26,6 +29,7 @@ from deploy import cli as deploy_cli
 from edge_core import manifest as mf
 from edge_core.fsutil import hash_file
 from simulators import models
+from simulators.broker import ClientCert, Mosquitto
 from simulators.bundle_server import BundleServer
 from simulators.iothub import HubDevice, IotHubSim
 from simulators.rig import AgentProcess, Rig, wait_until
@@ -165,7 +169,7 @@ def test_edge_deploy_rolls_out_in_waves_to_devices_behind_the_hub(
     artifacts = BundleServer(home / "artifacts").start()
     broker, cert = hub.rig.broker, hub.rig.broker.client_cert("operator")
     (home / "config.toml").write_text(
-        f'[broker]\nhost = "{broker.host}"\nport = {broker.port}\nca = "{cert.ca_path}"\n'
+        f'[broker]\nhost = "{broker.host}"\nport = {broker.operator_port}\nca = "{cert.ca_path}"\n'
         f'cert = "{cert.cert_path}"\nkey = "{cert.key_path}"\nprefix = "{broker.prefix}"\n'
         f'[artifacts]\npublic_url = "{artifacts.url}/"\n'
     )
@@ -316,3 +320,65 @@ def test_edge_sim_hub_prints_each_devices_credentials_and_stops_on_sigterm(tmp_p
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
+
+
+def test_another_hub_certificate_cannot_take_an_x509_devices_session(hub: Hub) -> None:
+    """The hub broker forces an X.509 client's id to its CN, as IoT Hub insists on client id =
+    device id; the responder, on its own listener, keeps answering the device."""
+    dev = hub.device("hub-id-a", x509=True)
+    other = hub.device("hub-id-b", x509=True, start_hub=False)
+    assert dev.cert is not None and other.cert is not None
+    victim = MqttClient(dev.broker, dev.device_id, port=dev.broker.port, cert=dev.cert).connect()
+    attacker = MqttClient(dev.broker, other.device_id, client_id=dev.device_id, port=dev.broker.port,
+                          cert=other.cert)  # fmt: skip
+    try:
+        victim.subscribe("$iothub/twin/PATCH/properties/desired/#")
+        attacker.connect()
+        version = hub.hub.set_desired(dev.device_id, {"probe": 1})
+        patch = victim.expect(f"$iothub/twin/PATCH/properties/desired/?$version={version}")
+        assert json.loads(patch.payload)["probe"] == 1
+        assert not victim.disconnected.is_set()
+    finally:
+        attacker.close()
+        victim.close()
+
+
+def test_edge_sim_hub_bridges_through_the_operator_listener(tmp_path: Path) -> None:
+    """``--bridge`` names the control plane broker's operator listener: a manifest published there
+    reaches the device's twin."""
+    with Mosquitto(tmp_path / "broker") as broker:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "simulators.cli", "hub", "--device", "cli-b", "--x509",
+             "--workdir", str(tmp_path / "hub"), "--bridge", f"{broker.host}:{broker.operator_port}",
+             "--bridge-dir", str(broker.workdir)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        operator = MqttClient(broker, "operator").connect()
+        try:
+            assert proc.stdout is not None
+            line = json.loads(proc.stdout.readline())["iothub"]
+            operator.publish("edge/devices/cli-b/desired", b"signed manifest", retain=True)
+            device = mqtt.Client(client_id="cli-b", protocol=mqtt.MQTTv311)
+            device.tls_set_context(
+                ClientCert(Path(line["ca"]), Path(line["cert"]), Path(line["key"])).ssl_context()
+            )
+            twins: list[dict[str, Any]] = []
+            device.on_message = lambda _c, _u, msg: twins.append(json.loads(msg.payload))
+            device.connect(line["hostname"], 8883)
+            device.subscribe("$iothub/twin/res/#", qos=1)
+            device.loop_start()
+            try:
+
+                def manifest() -> Any:
+                    device.publish("$iothub/twin/GET/?$rid=1", b"", qos=1)
+                    time.sleep(0.2)
+                    return twins and twins[-1]["desired"].get("edge", {}).get("manifest")
+
+                assert wait_until(lambda: manifest() == "signed manifest", TIMEOUT, interval=0.3), twins[-1:]
+            finally:
+                device.disconnect()
+                device.loop_stop()
+        finally:
+            operator.close()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
