@@ -146,3 +146,16 @@ def test_deploy_cli_keys_manifest_sign_verify(tmp_path: Path) -> None:
         stdin=json.dumps(bad),
     )
     assert s.returncode == 2 and "image/sha256" in s.stderr
+
+
+@pytest.mark.parametrize(
+    "text", ['{"device_id": "a", "device_id": "b"}', '{"generation": NaN}', "[" * 64 + "]" * 64]
+)
+def test_manifest_sign_refuses_what_the_agent_would(tmp_path: Path, text: str) -> None:
+    """The signer reads with the agent's strict reader: nothing is signed that a device refuses."""
+    assert run("deploy.cli", "keys", "create", "--out", str(tmp_path / "keys")).returncode == 0
+    doc = tmp_path / "m.json"
+    doc.write_text(text)
+    r = run("deploy.cli", "manifest", "sign", str(doc), "--key", str(tmp_path / "keys/signing.key"))
+    assert r.returncode == 2 and r.stdout == ""
+    assert "invalid_argument" in r.stderr and "strict JSON" in r.stderr

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from deploy import bundle, signer
 from edge_core import manifest as mf
-from edge_core.errors import ManifestRefused
+from edge_core import strictjson
+from edge_core.errors import ControlPlaneError, ErrorCode, ManifestRefused
 from edge_core.fsutil import hash_file
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.cmd == "sign":
         text = sys.stdin.read() if args.manifest == "-" else Path(args.manifest).read_text()
-        sys.stdout.buffer.write(signer.sign_manifest(json.loads(text), signer.load_private(args.key)) + b"\n")
+        sys.stdout.buffer.write(signer.sign_manifest(_strict(text), signer.load_private(args.key)) + b"\n")
         return 0
     if args.cmd == "verify":
         trusted = {}
@@ -144,3 +145,14 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"published": True, "device": args.device}))
         return 0
     raise AssertionError(args)  # pragma: no cover
+
+
+def _strict(text: str) -> Any:
+    """The manifest to sign, read as the agent will read it (edge_core.strictjson): a document the
+    device would refuse (a key twice, NaN) is refused here, before anything is signed."""
+    try:
+        return strictjson.loads(text)
+    except strictjson.StrictJSONError as exc:
+        raise ControlPlaneError(
+            ErrorCode.INVALID_ARGUMENT, f"the manifest is not strict JSON: {exc}", "fix the manifest file"
+        ) from None
