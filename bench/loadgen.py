@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -117,15 +118,19 @@ def run_load(
     rate: float = 0.0,
     keep_samples: bool = False,
     cpu: int | None = None,
+    headers: Sequence[str] = (),
 ) -> LoadResult:
     """Load one server for ``warmup + duration`` seconds from a separate process (on CPU ``cpu``
-    only, if given); only the last ``duration`` seconds count. Blocks until the client has exited."""
+    only, if given); only the last ``duration`` seconds count. Blocks until the client has exited.
+    ``headers`` (``"Name: value"``) are added to every request (the Python client only)."""
     pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
     if client == "wrk":
-        if rate:
-            raise ValueError("wrk sends as fast as it can: --rate needs the Python client")
+        if rate or headers:
+            raise ValueError("--rate and extra headers need the Python client")
         return _run_wrk(host, port, path, body, connections, duration, warmup, pin)
-    return _run_python(host, port, path, body, connections, duration, warmup, rate, keep_samples, pin)
+    return _run_python(
+        host, port, path, body, connections, duration, warmup, rate, keep_samples, pin, headers
+    )
 
 
 # --- wrk -----------------------------------------------------------------------------------------
@@ -207,6 +212,7 @@ def _run_python(
     rate: float,
     keep_samples: bool,
     pin: list[str],
+    headers: Sequence[str] = (),
 ) -> LoadResult:
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         body_file = Path(tmp) / "body.json"
@@ -216,6 +222,7 @@ def _run_python(
             sys.executable, str(Path(__file__).resolve()), "--host", host, "--port", str(port),
             "--path", path, "--body-file", str(body_file), "--connections", str(connections),
             "--duration", str(warmup + duration), "--rate", str(rate), "--out", str(out),
+            *(a for h in headers for a in ("--header", h)),
         ]  # fmt: skip
         cpu0 = _children_cpu()
         proc = subprocess.run([*pin, *cmd], check=True, capture_output=True, text=True)
@@ -333,10 +340,11 @@ class _Samples:
         self.status.append(status)
 
 
-def _request(host: str, port: int, path: str, body: bytes) -> bytes:
+def _request(host: str, port: int, path: str, body: bytes, headers: Sequence[str] = ()) -> bytes:
+    extra = "".join(f"{h}\r\n" for h in headers)
     return (
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"{extra}Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
 
 
@@ -534,8 +542,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--until-stdin-eof", action="store_true", help="stop early when stdin closes")
     ap.add_argument("--out", type=Path, required=True, help="where to write the samples (.npz)")
+    ap.add_argument("--header", action="append", default=[], help="'Name: value', added to every request")
     args = ap.parse_args(argv)
-    req = _request(args.host, args.port, args.path, args.body_file.read_bytes())
+    req = _request(args.host, args.port, args.path, args.body_file.read_bytes(), args.header)
     samples = _Samples()
     if args.connections == 1 and args.rate <= 0 and not args.until_stdin_eof:
         t0 = time.monotonic_ns()

@@ -110,6 +110,10 @@ class ErrorCode(StrEnum):
     UNKNOWN_INPUT = "unknown_input"
     AMBIGUOUS_MODEL = "ambiguous_model"
     INFERENCE_FAILED = "inference_failed"
+    # the binary tensor data extension of /v2 (Triton's framing: docs/api.md)
+    BAD_HEADER_LENGTH = "bad_header_length"
+    BINARY_SIZE_MISMATCH = "binary_size_mismatch"
+    UNSUPPORTED_PARAMETER = "unsupported_parameter"
     # edge-agent status (agent/ops/status.py)
     STATE_UNREADABLE = "state_unreadable"
 

@@ -7,13 +7,16 @@ checks the same expected response. Both sides using these functions is what make
 time" mean "passes on the device" for the same model.
 
 A v2 tensor is ``{"name": str, "datatype": "FP32", "shape": [2, 4], "data": [...]}`` with ``data``
-in row-major order (flat; nested lists are accepted and flattened).
+in row-major order (flat; nested lists are accepted and flattened). The same tensors travel as raw
+bytes after the JSON with the binary tensor data extension (``from_binary``, ``to_binary``, at the end).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import struct
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -339,3 +342,120 @@ def _diff(e: Any, a: Any, path: str, rtol: float, atol: float) -> str | None:
     if type(e) is type(a) and e == a:
         return None
     return f"{where}: expected {_show(e)}, got {_show(a)}"
+
+
+# --- the binary tensor data extension (Triton's, KServe's) --------------------------------------
+#
+# A tensor's binary data is its elements little-endian, row-major, without padding; BOOL one byte
+# each (0 or 1); BYTES each element a 4-byte little-endian length then its bytes. The HTTP body is
+# the JSON request (``Inference-Header-Content-Length`` bytes) followed by the binary inputs in the
+# order the JSON lists them, each marked ``"parameters": {"binary_data_size": N}``.
+
+#: Triton's model configuration names (model_config.proto ``DataType``) of the v2 datatypes: the
+#: ``data_type`` of ``GET /v2/models/{name}/config``. BYTES is TYPE_STRING there.
+V2_TO_CONFIG: dict[str, str] = {
+    name: ("TYPE_STRING" if name == "BYTES" else f"TYPE_{name}") for name in V2_TO_NUMPY
+}
+
+_U32 = struct.Struct("<I")
+
+
+class BinarySizeError(ValueError):
+    """Binary tensor data of the wrong size: its ``binary_data_size`` is not what its shape and
+    datatype take, or a BYTES element's length runs past the tensor's data."""
+
+
+def from_binary(datatype: str, shape: Sequence[int], data: memoryview, label: str = "tensor") -> Array:
+    """Decode one tensor's binary data. Fixed-size datatypes are a view of ``data`` (no copy: the
+    array is read-only and keeps ``data``'s buffer alive); BYTES become an object array of ``str``,
+    the only form onnxruntime takes for ``tensor(string)`` (bytes objects it would stringify)."""
+    if datatype not in V2_TO_NUMPY:
+        raise ValueError(f"{label}: unknown datatype {datatype!r}; one of {', '.join(V2_TO_NUMPY)}")
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        return _bytes_elements(data, count, label).reshape(shape)
+    dtype = V2_TO_NUMPY[datatype]
+    want = count * dtype.itemsize
+    if len(data) != want:
+        raise BinarySizeError(
+            f"{label}: shape {list(shape)} of {datatype} is {want} bytes, binary_data_size is {len(data)}"
+        )
+    if datatype == "BOOL":
+        raw = np.frombuffer(data, dtype=np.uint8, count=count)
+        # numpy and onnxruntime would take any non-zero byte; 2..255 is a sender's bug, not a value
+        if count and int(raw.max()) > 1:
+            raise ValueError(f"{label}: BOOL binary data must be bytes 0 or 1")
+        return raw.view(np.bool_).reshape(shape)
+    arr = np.frombuffer(data, dtype=dtype.newbyteorder("<"), count=count)
+    if not arr.dtype.isnative:  # a big-endian host: the wire is little-endian whatever the CPU
+        arr = arr.astype(dtype)
+    return arr.reshape(shape)
+
+
+def _bytes_elements(data: memoryview, count: int, label: str) -> Array:
+    out = np.empty(count, dtype=object)
+    off, end = 0, len(data)
+    for i in range(count):
+        if off + 4 > end:
+            raise BinarySizeError(f"{label}: binary data ends before element {i} of {count}")
+        (n,) = _U32.unpack_from(data, off)
+        off += 4
+        if off + n > end:
+            raise BinarySizeError(f"{label}: element {i} is {n} bytes long, past the tensor's data")
+        try:
+            out[i] = str(data[off : off + n], "utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{label}: element {i} is not UTF-8, which ONNX strings must be") from None
+        off += n
+    if off != end:
+        raise BinarySizeError(f"{label}: {end - off} bytes left after its {count} elements")
+    return out
+
+
+def to_binary(array: Array) -> memoryview | bytes:
+    """One tensor's binary data: for fixed-size datatypes a byte view of the array's own buffer (no
+    copy when it is C-contiguous and little-endian, as onnxruntime's outputs are here); BYTES are
+    serialized (4-byte length, then the UTF-8 of each element)."""
+    if v2_datatype_of(array.dtype) == "BYTES":
+        parts: list[bytes] = []
+        for x in array.reshape(-1).tolist():
+            b = x.encode() if isinstance(x, str) else bytes(x)
+            parts += (_U32.pack(len(b)), b)
+        return b"".join(parts)
+    flat = np.ascontiguousarray(array).reshape(-1)
+    if flat.dtype.byteorder == ">" or (flat.dtype.byteorder == "=" and sys.byteorder == "big"):
+        flat = flat.astype(flat.dtype.newbyteorder("<"))
+    return flat.data.cast("B")
+
+
+def raw_input_shape(datatype: str, declared: Sequence[int], nbytes: int, label: str = "input") -> list[int]:
+    """The shape of the single input of a raw binary request (``Inference-Header-Content-Length: 0``:
+    the body is that input's data, there is no JSON), deduced as Triton does: the declared shape with
+    its one dynamic dimension, if it has one, sized from the body; for BYTES, ``[1]`` (the whole body is
+    one element). ValueError when the declared shape allows no such deduction; BinarySizeError when
+    the body's size does not fit it."""
+    if datatype == "BYTES":
+        if not shape_matches([1], declared):
+            raise ValueError(f"{label}: a raw BYTES request is one element, the model takes {list(declared)}")
+        return [1]
+    dynamic = [i for i, d in enumerate(declared) if d < 0]
+    if len(dynamic) > 1:
+        raise ValueError(
+            f"{label}: shape {list(declared)} has {len(dynamic)} dynamic dimensions; a raw binary "
+            "request can size at most one: send a JSON header with the shape"
+        )
+    unit = math.prod(d for d in declared if d >= 0) * V2_TO_NUMPY[datatype].itemsize
+    shape = list(declared)
+    if not dynamic:
+        if nbytes != unit:
+            raise BinarySizeError(
+                f"{label}: shape {shape} of {datatype} is {unit} bytes, the body is {nbytes}"
+            )
+        return shape
+    if (unit == 0 and nbytes) or (unit and nbytes % unit):
+        raise BinarySizeError(
+            f"{label}: the body's {nbytes} bytes are not a whole number of {shape} {datatype} rows "
+            f"({unit} bytes each)"
+        )
+    shape[dynamic[0]] = nbytes // unit if unit else 0
+    return shape

@@ -29,7 +29,7 @@ import uvicorn
 
 from agent import __version__
 from agent.serving.runtime import LoadedImage, Runtime
-from agent.serving.scoring import Scorer
+from agent.serving.scoring import BinaryReply, Scorer, model_config
 from agent.telemetry.metrics import Metrics
 from edge_core import faults
 from edge_core.log import get_logger
@@ -39,8 +39,13 @@ log = get_logger("api")
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+#: What a scoring call answers: JSON, or the v2 binary tensor data extension's framed answer.
+Body = bytes | BinaryReply
 
 _JSON = [(b"content-type", b"application/json")]
+#: A response up to this size goes out in one write (one copy of the tensors is cheaper than several
+#: sends); above it, each binary output is written from its array's own buffer.
+_COALESCE_MAX = 64 * 1024
 
 
 class ScoringApp:
@@ -134,7 +139,7 @@ class ScoringApp:
                 return v[:7].lower() == b"bearer " and hmac.compare_digest(v[7:].strip(), self.token)
         return False
 
-    async def _run(self, fn: Callable[[], tuple[int, bytes]], inline: bool) -> tuple[int, bytes]:
+    async def _run(self, fn: Callable[[], tuple[int, Body]], inline: bool) -> tuple[int, Body]:
         if inline:
             return fn()
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
@@ -159,7 +164,8 @@ class ScoringApp:
             msg = f"model {model!r} has version {img.version!r}, not {version!r}"
             await _reply(send, 404, {"error": msg, "code": "unknown_version"})
             return
-        fn = lambda: self.scorer.infer(img, model, body)  # noqa: E731
+        hlen = _header(scope, b"inference-header-content-length")  # the binary tensor data extension
+        fn = lambda: self.scorer.infer(img, model, body, hlen)  # noqa: E731
         await self._serve(scope, send, img, model, "v2", fn, self.scorer.inline(img, model), body)
 
     async def _serve(
@@ -169,7 +175,7 @@ class ScoringApp:
         img: LoadedImage,
         model: str,
         api: str,
-        fn: Callable[[], tuple[int, bytes]],
+        fn: Callable[[], tuple[int, Body]],
         inline: bool,
         body: bytes,
     ) -> None:
@@ -186,6 +192,8 @@ class ScoringApp:
             await _raw(send, status, out)
             return
         rid = _header(scope, b"x-request-id") or cap.request_id()
+        # records are JSON: a binary tensor exchange is captured as its JSON equivalent
+        cap_in, cap_out = out.as_json() if isinstance(out, BinaryReply) else (body, out)
         cap.record(
             api=api,
             model=model,
@@ -194,8 +202,8 @@ class ScoringApp:
             ts=time.time(),
             latency_s=elapsed,
             status=status,
-            body=body,
-            out=out,
+            body=cap_in,
+            out=cap_out,
             raw=img.worker is not None,
         )
         await _raw(send, status, out, [(b"x-request-id", rid.encode())])
@@ -208,26 +216,38 @@ class ScoringApp:
             ready = img is not None and self.scorer.ready(img)
             await _reply(send, 200 if ready else 503, {"ready": ready})
         elif path == "/v2":
-            await _reply(send, 200, {"name": "edge-agent", "version": __version__, "extensions": []})
+            extensions = ["binary_tensor_data", "model_configuration"]
+            await _reply(send, 200, {"name": "edge-agent", "version": __version__, "extensions": extensions})
         elif path == "/metrics":
             text, ctype = self.metrics.render(self.runtime)
             headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(text)).encode())]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": text})
         elif path.startswith("/v2/models/"):
+            # ['', 'v2', 'models', name, *rest], rest: [], ['ready'], ['config'], each optionally
+            # after ['versions', v]
             parts = path.split("/")
-            name = parts[3] if len(parts) > 3 else ""
+            name, rest = parts[3], parts[4:]
             if img is None or name not in img.models:
                 await _reply(send, 404, {"error": f"unknown model {name!r}", "code": "unknown_model"})
-            elif len(parts) == 4 or (len(parts) == 6 and parts[4] == "versions" and parts[5] == img.version):
+                return
+            if rest[:1] == ["versions"] and len(rest) > 1:
+                if rest[1] != img.version:
+                    msg = f"model {name!r} has version {img.version!r}, not {rest[1]!r}"
+                    await _reply(send, 404, {"error": msg, "code": "unknown_version"})
+                    return
+                rest = rest[2:]
+            if not rest:
                 m = img.models[name]
                 await _reply(send, 200, {
                     "name": name, "versions": [img.version], "platform": "onnxruntime_onnx",
                     "inputs": [s.as_dict() for s in m.inputs], "outputs": [s.as_dict() for s in m.outputs],
                 })  # fmt: skip
-            elif parts[-1] == "ready":
+            elif rest == ["ready"]:
                 ready = self.scorer.ready(img)
                 await _reply(send, 200 if ready else 503, {"name": name, "ready": ready})
+            elif rest == ["config"]:
+                await _reply(send, 200, model_config(img, name))
             else:
                 await _reply(send, 404, {"error": f"no route for GET {path}", "code": "not_found"})
         elif path == "/":
@@ -262,11 +282,35 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
             return b"".join(chunks) if size <= limit else None
 
 
-async def _raw(send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+async def _raw(send: Send, status: int, body: Body, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    if isinstance(body, BinaryReply):
+        await _binary(send, status, body, extra or [])
+        return
     # An explicit Content-Length spares uvicorn the chunked encoding of a body we already have whole.
     headers = [*_JSON, (b"content-length", str(len(body)).encode()), *(extra or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _binary(send: Send, status: int, reply: BinaryReply, extra: list[tuple[bytes, bytes]]) -> None:
+    """Triton's framing of binary outputs: the JSON, then each output's bytes; the JSON's length in
+    ``Inference-Header-Content-Length`` and ``application/octet-stream`` only when bytes follow it
+    (otherwise the body is plain JSON, as Triton answers it)."""
+    size = len(reply)
+    headers = _JSON
+    if reply.tensors:
+        headers = [
+            (b"content-type", b"application/octet-stream"),
+            (b"inference-header-content-length", str(len(reply.header)).encode()),
+        ]
+    headers = [*headers, (b"content-length", str(size).encode()), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    if size <= _COALESCE_MAX:
+        await send({"type": "http.response.body", "body": b"".join((reply.header, *reply.tensors))})
+        return
+    await send({"type": "http.response.body", "body": reply.header, "more_body": True})
+    for i, t in enumerate(reply.tensors):
+        await send({"type": "http.response.body", "body": t, "more_body": i < len(reply.tensors) - 1})
 
 
 async def _reply(

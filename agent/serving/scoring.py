@@ -8,8 +8,10 @@ model, 500 the scoring code raised, 503 no worker available, 504 the scoring cod
 
 from __future__ import annotations
 
+import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,17 +19,29 @@ import orjson
 
 from agent.serving.runtime import LoadedImage, Model, TensorSpec
 from edge_core.errors import ErrorCode, ModelLoadError, RequestRefused, ScoringError
-from edge_core.tensors import compare, shape_matches, to_numpy, v2_datatype_of
+from edge_core.tensors import (
+    V2_TO_CONFIG,
+    V2_TO_NUMPY,
+    BinarySizeError,
+    compare,
+    from_binary,
+    raw_input_shape,
+    shape_matches,
+    to_binary,
+    to_numpy,
+    v2_datatype_of,
+)
 
 # numpy arrays are written by orjson directly; non-string keys occur in non-tensor outputs (ZipMap)
 _NUMPY_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+_U32 = struct.Struct("<I")  # a BYTES element's length prefix
 
 
 def _bad(message: str, code: ErrorCode = ErrorCode.BAD_REQUEST) -> RequestRefused:
     return RequestRefused(400, code, message)
 
 
-def _parse(body: bytes) -> Any:
+def _parse(body: bytes | memoryview) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -91,6 +105,238 @@ def _output(name: str, value: Any) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class BinaryReply:
+    """The answer to a v2 request that used the binary tensor data extension (binary inputs, binary
+    outputs, or both), framed as Triton frames it: ``header`` is the response's JSON; ``tensors`` are
+    the binary outputs' bytes in the order the JSON lists them, each a view of its array's buffer
+    (empty when every output went back as JSON: then ``header`` is the whole body)."""
+
+    header: bytes
+    tensors: tuple[memoryview | bytes, ...]
+    #: The request and the response as plain v2 JSON, every tensor's ``data`` inline: data capture
+    #: records JSON whatever travelled on the wire. Rendered only for a request that is captured.
+    as_json: Callable[[], tuple[bytes, bytes]]
+
+    def __len__(self) -> int:
+        return len(self.header) + sum(len(t) for t in self.tensors)
+
+
+def _params(obj: dict[str, Any], label: str) -> dict[str, Any]:
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise _bad(f"{label}: parameters must be an object")
+    return params
+
+
+def _flag(params: dict[str, Any], key: str, label: str) -> bool:
+    value = params.get(key, False)
+    if not isinstance(value, bool):
+        raise _bad(f"{label}: parameters.{key} must be true or false, not {value!r}")
+    return value
+
+
+def _no_shared_memory(params: dict[str, Any], label: str) -> None:
+    # Triton's shared-memory extensions need regions registered with the server, which this one has not.
+    if "shared_memory_region" in params:
+        raise _bad(
+            f"{label}: shared memory (parameters.shared_memory_region) is not supported; send the "
+            "tensor in the body (binary_data_size) or as JSON",
+            ErrorCode.UNSUPPORTED_PARAMETER,
+        )
+
+
+def _header_length(value: str, size: int) -> int:
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()):
+        raise _bad(
+            f"Inference-Header-Content-Length {value!r} is not a byte count", ErrorCode.BAD_HEADER_LENGTH
+        )
+    n = int(text)
+    if n > size:
+        raise _bad(
+            f"Inference-Header-Content-Length {n} is beyond the body's {size} bytes",
+            ErrorCode.BAD_HEADER_LENGTH,
+        )
+    return n
+
+
+def _split(model: Model, body: bytes, header_length: str | None) -> tuple[Any, memoryview | None]:
+    """The request's JSON, parsed, and the binary data after it (None without the extension's header).
+    Slices of the body are memoryviews: binary inputs are decoded from the body's own buffer."""
+    if header_length is None:
+        return _parse(body), None
+    n = _header_length(header_length, len(body))
+    view = memoryview(body)
+    if n:
+        return _parse(view[:n]), view[n:]
+    # A raw binary request: no JSON at all; the body is the data of the model's only input, and every
+    # output goes back binary (Triton's rules).
+    if len(model.inputs) != 1:
+        raise _bad(
+            f"a raw binary request (Inference-Header-Content-Length: 0) needs a model with one input; "
+            f"{model.name!r} has {len(model.inputs)}: send a JSON header"
+        )
+    spec = model.inputs[0]
+    if spec.datatype is None:
+        raise _bad(
+            f"input {spec.name!r} is a {spec.onnx_type}, which v2 cannot carry", ErrorCode.WRONG_DATATYPE
+        )
+    try:
+        shape = raw_input_shape(spec.datatype, spec.shape, len(body), f"input {spec.name!r}")
+    except BinarySizeError as exc:
+        raise _bad(str(exc), ErrorCode.BINARY_SIZE_MISMATCH) from None
+    except ValueError as exc:
+        raise _bad(str(exc)) from None
+    if spec.datatype == "BYTES":  # the body is the element itself, without its length prefix
+        view = memoryview(_U32.pack(len(body)) + body)
+    inp = {"name": spec.name, "datatype": spec.datatype, "shape": shape}
+    req = {"inputs": [{**inp, "parameters": {"binary_data_size": len(view)}}]}
+    return req | {"parameters": {"binary_data_output": True}}, view
+
+
+def _binary_size(
+    inp: dict[str, Any], params: dict[str, Any], binary: memoryview | None, offset: int, label: str
+) -> int:
+    size = params["binary_data_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise _bad(f"{label}: binary_data_size must be a byte count, not {size!r}")
+    if "data" in inp:
+        raise _bad(f"{label} has both data and binary_data_size: send one")
+    if binary is None:
+        raise _bad(
+            f"{label} has binary_data_size but the request has no Inference-Header-Content-Length "
+            "header to say where its JSON ends",
+            ErrorCode.BAD_HEADER_LENGTH,
+        )
+    if offset + size > len(binary):
+        raise _bad(
+            f"{label}: binary_data_size {size}, but only {len(binary) - offset} bytes of binary data "
+            "are left after the JSON",
+            ErrorCode.BINARY_SIZE_MISMATCH,
+        )
+    return size
+
+
+def _binary_tensor(spec: TensorSpec, data: memoryview, shape: Any, datatype: Any) -> np.ndarray:
+    """Decode one binary input (a view of the request body where the datatype allows) and check it
+    against the model's signature, as ``_tensor`` does for JSON data."""
+    want = spec.datatype
+    label = f"input {spec.name!r}"
+    if want is None:
+        raise _bad(f"{label} is a {spec.onnx_type}, which v2 tensors cannot carry", ErrorCode.WRONG_DATATYPE)
+    if datatype != want:
+        what = "no datatype" if datatype is None else f"datatype {datatype}"
+        if datatype is not None and datatype not in V2_TO_NUMPY:
+            what = f"unknown datatype {datatype!r}"
+        raise _bad(f"{label}: {what}, the model expects {want}", ErrorCode.WRONG_DATATYPE)
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise _bad(
+            f"{label}: shape must be a list of non-negative integers, got {shape!r}", ErrorCode.BAD_TENSOR
+        )
+    if not shape_matches(shape, spec.shape):
+        expected = ["?" if d < 0 else d for d in spec.shape]
+        raise _bad(f"{label}: shape {shape}, the model expects {expected}", ErrorCode.WRONG_SHAPE)
+    try:
+        return from_binary(want, shape, data, label)
+    except BinarySizeError as exc:
+        raise _bad(str(exc), ErrorCode.BINARY_SIZE_MISMATCH) from None
+    except ValueError as exc:
+        raise _bad(str(exc), ErrorCode.BAD_TENSOR) from None
+
+
+def _requested_outputs(req: dict[str, Any], default_binary: bool) -> dict[str, bool]:
+    """The outputs the request lists (none: all of them), each with whether it goes back binary: its
+    ``binary_data``, else the request's ``binary_data_output`` (the protocol's rule; tritonclient
+    always sets one or the other). Names the model lacks are ignored, as they always were here."""
+    wanted: dict[str, bool] = {}
+    for out in req.get("outputs") or []:
+        if not isinstance(out, dict) or "name" not in out:
+            continue
+        label = f"output {out['name']!r}"
+        params = _params(out, label)
+        _no_shared_memory(params, label)
+        if "classification" in params:
+            raise _bad(
+                f"{label}: the classification extension (parameters.classification) is not supported",
+                ErrorCode.UNSUPPORTED_PARAMETER,
+            )
+        wanted[out["name"]] = (
+            _flag(params, "binary_data", label) if "binary_data" in params else default_binary
+        )
+    return wanted
+
+
+def _v2_answer(
+    img: LoadedImage,
+    model_name: str,
+    req: dict[str, Any],
+    feeds: dict[str, np.ndarray],
+    outputs: dict[str, Any],
+    names: list[str],
+    as_binary: dict[str, bool],
+    binary_request: bool,
+) -> tuple[int, bytes | BinaryReply]:
+    doc: dict[str, Any] = {"model_name": model_name, "model_version": img.version}
+    if "id" in req:
+        doc["id"] = req["id"]
+    entries: list[dict[str, Any]] = []
+    tensors: list[memoryview | bytes] = []
+    for n in names:
+        value = outputs[n]
+        # A non-tensor output (a sequence of maps: ZipMap) has no binary form: it stays JSON.
+        if as_binary[n] and isinstance(value, np.ndarray):
+            data = to_binary(value)
+            entries.append({
+                "name": n, "datatype": v2_datatype_of(value.dtype), "shape": list(value.shape),
+                "parameters": {"binary_data_size": len(data)},
+            })  # fmt: skip
+            if len(data):  # as Triton: an empty tensor has its size (0) and no bytes
+                tensors.append(data)
+        else:
+            entries.append(_output(n, value))
+    header = orjson.dumps(doc | {"outputs": entries}, option=_NUMPY_OPTS)
+    if not binary_request and not any(as_binary.values()):
+        return 200, header  # plain JSON both ways: the path every JSON client took before the extension
+
+    def as_json() -> tuple[bytes, bytes]:
+        request = {k: v for k, v in req.items() if k != "inputs"}
+        request["inputs"] = [_output(name, arr) for name, arr in feeds.items()]
+        response = doc | {"outputs": [_output(n, outputs[n]) for n in names]}
+        return orjson.dumps(request, option=_NUMPY_OPTS), orjson.dumps(response, option=_NUMPY_OPTS)
+
+    return 200, BinaryReply(header, tuple(tensors), as_json)
+
+
+def model_config(img: LoadedImage, name: str) -> dict[str, Any]:
+    """Triton's model configuration (``GET /v2/models/{name}/config``, tritonclient's
+    ``get_model_config``), as much of it as an ONNX model here says truthfully: no batching by the
+    server (``max_batch_size`` 0, so ``dims`` are the model's full shapes, ``-1`` dynamic), the
+    platform, and the tensors with their model-configuration datatypes. Non-tensor inputs or outputs
+    (sequences, maps), which a Triton configuration cannot express, are left out."""
+    m = img.models[name]
+
+    def io(specs: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
+        return [
+            {"name": s.name, "data_type": V2_TO_CONFIG[s.datatype], "dims": list(s.shape)}
+            for s in specs
+            if s.datatype is not None
+        ]
+
+    return {
+        "name": name,
+        "platform": "onnxruntime_onnx",
+        "backend": "onnxruntime",
+        "max_batch_size": 0,
+        "input": io(m.inputs),
+        "output": io(m.outputs),
+    }
+
+
 class Scorer:
     def __init__(self, inline_max_s: float = 0.005) -> None:
         self.inline_max_s = inline_max_s
@@ -122,40 +368,61 @@ class Scorer:
 
     # --- Open Inference Protocol v2 --------------------------------------------------------
 
-    def infer(self, img: LoadedImage, model_name: str, body: bytes) -> tuple[int, bytes]:
+    def infer(
+        self, img: LoadedImage, model_name: str, body: bytes, header_length: str | None = None
+    ) -> tuple[int, bytes | BinaryReply]:
+        """A v2 infer request. ``header_length`` is the request's ``Inference-Header-Content-Length``
+        (the binary tensor data extension): the JSON is that many bytes of ``body``, binary inputs
+        follow; ``"0"`` is a raw binary request (the body is the model's single input). The answer
+        is JSON bytes, or a :class:`BinaryReply` when the request or the response used binary data."""
         try:
             model = img.models[model_name]
-            req = _parse(body)
+            req, binary = _split(model, body, header_length)
             if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
                 raise _bad(
                     'expected an inference request: {"inputs": [{"name", "shape", "datatype", "data"}]}'
                 )
+            default_binary = _flag(_params(req, "the request"), "binary_data_output", "the request")
             specs = {s.name: s for s in model.inputs}
             feeds: dict[str, np.ndarray] = {}
+            offset = 0  # into ``binary``: inputs' bytes follow one another in the order of the JSON
             for inp in req["inputs"]:
-                if not isinstance(inp, dict) or "name" not in inp or "data" not in inp:
-                    raise _bad("each input needs at least a name and data")
+                if not isinstance(inp, dict) or "name" not in inp:
+                    raise _bad("each input needs a name, and data or parameters.binary_data_size")
                 spec = specs.get(inp["name"])
                 if spec is None:
                     raise _bad(
                         f"model {model_name!r} has no input {inp['name']!r} (it has {sorted(specs)})",
                         ErrorCode.UNKNOWN_INPUT,
                     )
-                feeds[spec.name] = _tensor(spec, inp["data"], inp.get("shape"), inp.get("datatype"))
+                label = f"input {spec.name!r}"
+                params = _params(inp, label)
+                _no_shared_memory(params, label)
+                if "binary_data_size" in params:
+                    size = _binary_size(inp, params, binary, offset, label)
+                    assert binary is not None
+                    feeds[spec.name] = _binary_tensor(
+                        spec, binary[offset : offset + size], inp.get("shape"), inp.get("datatype")
+                    )
+                    offset += size
+                elif "data" in inp:
+                    feeds[spec.name] = _tensor(spec, inp["data"], inp.get("shape"), inp.get("datatype"))
+                else:
+                    raise _bad(f"{label} has neither data nor parameters.binary_data_size")
+            if binary is not None and offset != len(binary):
+                raise _bad(
+                    f"{len(binary) - offset} bytes of binary data follow the JSON beyond the inputs' "
+                    f"binary_data_size ({offset} bytes)",
+                    ErrorCode.BINARY_SIZE_MISMATCH,
+                )
             missing = sorted(set(specs) - set(feeds))
             if missing:
                 raise _bad(f"missing input(s) {missing}", ErrorCode.MISSING_INPUT)
+            wanted = _requested_outputs(req, default_binary)  # checked before the model runs
             outputs = self._timed(img, model, feeds)
-            wanted = [o["name"] for o in req.get("outputs") or [] if isinstance(o, dict) and "name" in o]
             names = [n for n in model.output_names if not wanted or n in wanted]
-            doc: dict[str, Any] = {
-                "model_name": model_name,
-                "model_version": img.version,
-                "outputs": [_output(n, outputs[n]) for n in names],
-            }
-            if "id" in req:
-                doc["id"] = req["id"]
-            return 200, orjson.dumps(doc, option=_NUMPY_OPTS)
+            as_binary = {n: wanted.get(n, default_binary) for n in names}
+            return _v2_answer(img, model_name, req, feeds, outputs, names, as_binary, binary is not None)
         except RequestRefused as exc:
             return exc.status, orjson.dumps({"error": exc.message, "code": str(exc.code)})
 
@@ -212,11 +479,14 @@ class Scorer:
             return None
         body = orjson.dumps(st["request"])
         t0 = time.perf_counter()
+        out: bytes | BinaryReply
         if img.entry_script:
             status, out = self.score(img, body)
         else:
             status, out = self.infer(img, st.get("model") or next(iter(img.models)), body)
         elapsed = time.perf_counter() - t0
+        if isinstance(out, BinaryReply):  # a sample request may ask for binary outputs: compare their values
+            out = out.as_json()[1]
         if status != 200:
             raise ModelLoadError(
                 ErrorCode.SMOKE_TEST_FAILED,
