@@ -60,7 +60,7 @@ class ControlPlane:
     @property
     def registry(self) -> Registry:
         if self._registry is None:
-            self._registry = Registry(self.cfg.registry_path)
+            self._registry = Registry(self.cfg.registry_location)
         return self._registry
 
     @property

@@ -99,7 +99,7 @@ class Deployments(Catalog):
         device: str | None = None,
         state: str | None = None,
     ) -> list[dict[str, Any]]:
-        where: list[str] = ["1"]
+        where: list[str] = ["1 = 1"]
         params: list[Any] = []
         if image is not None:
             ids = [i.id for i in self.images(name=image[0], version=image[1])]
@@ -133,7 +133,10 @@ class Deployments(Catalog):
     def take_command(self, dep_id: str) -> str | None:
         """The operator's pending command, cleared in the same transaction (none is lost to a race)."""
         with self.tx():
-            row = self.db.execute("SELECT command FROM deployments WHERE id = ?", [dep_id]).fetchone()
+            # the row locked (PostgreSQL) until the command is cleared: two replicas never both take it
+            row = self.db.execute(
+                f"SELECT command FROM deployments WHERE id = ?{self.db.for_update}", [dep_id]
+            ).fetchone()
             if row and row[0]:
                 self.db.execute("UPDATE deployments SET command = NULL WHERE id = ?", [dep_id])
                 return str(row[0])
