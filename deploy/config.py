@@ -1,7 +1,8 @@
 """The control plane's configuration: ``<home>/config.toml``, then ``EDGE_DEPLOY_*`` variables.
 
 The home directory (``--home``, ``EDGE_DEPLOY_HOME``, default ``./.edge-deploy``) holds the registry
-(``registry.db``, unless ``registry.url`` names a PostgreSQL database), the local artifact store (``artifacts/``) and, by default, the signing key.
+(``registry.db``, unless ``registry.url`` names a PostgreSQL database), the local artifact store
+(``artifacts/``) and, by default, the signing key.
 Relative paths in the file are relative to the home directory. Every setting has a default, so a
 new home works on embedded defaults (a local broker on 127.0.0.1:8883, a local artifact store
 served by ``edge-deploy serve`` on 127.0.0.1:8700).

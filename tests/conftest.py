@@ -16,8 +16,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-
 from conftest_pg import fresh_database
+
 from simulators.broker import Mosquitto
 from simulators.bundle_server import BundleServer
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from deploy.registry import MIGRATIONS, Migration, Registry, migrate
-from deploy.registry.backend import Db
+from deploy.registry.backend import Db, SqliteDb
 from deploy.registry.backend import connect as connect_db
 from deploy.registry.migrate import LEDGER, check_sequence, load_migrations, recorded, schema_version
 from edge_core.errors import ControlPlaneError, ErrorCode
@@ -191,6 +191,7 @@ def test_a_new_registry_records_every_migration(tmp_path: Path) -> None:
     before = time.time()
     r = Registry(tmp_path / "registry.db")
     try:
+        assert isinstance(r.db, SqliteDb)
         conn = r.db.conn
         assert ledger(conn) == [(m.version, m.name) for m in MIGRATIONS]
         assert all(before <= t <= time.time() for _, _, t in recorded(conn))
@@ -227,7 +228,7 @@ def test_an_old_registry_opens_keeps_its_data_and_is_adopted(old_file: Path) -> 
     r = Registry(old_file)
     try:
         # adopted as version 1, then brought up to date
-        assert ledger(r.db.conn) == SHIPPED
+        assert ledger(r.db) == SHIPPED
         assert r.schema_version == N
         assert r.model("m", 1).tags == {"k": "v"}
         assert r.image("img").models == ("m:1",)

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import MqttClient
 from conftest_pg import fresh_database
+
 from deploy import config, signer
 from deploy.plane import ControlPlane
 from deploy.registry import Registry
@@ -200,7 +200,7 @@ def test_a_killed_replica_s_rollout_is_finished_by_another_with_each_manifest_pu
     for msg in env.tap.drain():
         if not msg.topic.endswith("/desired"):
             continue
-        seen[(msg.topic.split("/")[2], _generation(msg.payload))] += 1
+        seen[(msg.topic.split("/")[2], _generation(bytes(msg.payload)))] += 1
     want = Counter({(m["device_id"], int(m["generation"])): 1 for m in members})
     assert seen == want
     # and every simulated device runs the image

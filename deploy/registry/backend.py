@@ -207,14 +207,14 @@ class PostgresDb(Db):
         return cls(psycopg.connect(url, autocommit=True, connect_timeout=10))
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
-        return self.conn.execute(_pg_sql(sql), list(params))  # type: ignore[arg-type]
+        return self.conn.execute(_pg_sql(sql), list(params))
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         with self.conn.cursor() as cur:
-            cur.executemany(_pg_sql(sql), [list(r) for r in rows])  # type: ignore[arg-type]
+            cur.executemany(_pg_sql(sql), [list(r) for r in rows])
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        cur = self.conn.execute(_pg_sql(sql), list(params))  # type: ignore[arg-type]
+        cur = self.conn.execute(_pg_sql(sql), list(params))
         cols = [c.name for c in cur.description or ()]
         return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 

@@ -96,8 +96,7 @@ def _model(row: Mapping[str, Any]) -> Model:
 
 
 def _filters(
-    self_db: Db,
-    alias: str, name: str | None, version: int | None, tags: Mapping[str, str] | None
+    self_db: Db, alias: str, name: str | None, version: int | None, tags: Mapping[str, str] | None
 ) -> tuple[str, list[Any]]:
     """The WHERE clause of a search of models or images (``alias`` is the table's, with its dot)."""
     where, params = ["1 = 1"], list[Any]()

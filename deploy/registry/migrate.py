@@ -109,7 +109,10 @@ def schema_version(conn: sqlite3.Connection | Db) -> int:
 
 
 def migrate(
-    conn: sqlite3.Connection | Db, migrations: Sequence[Migration] = MIGRATIONS, *, where: str = "the registry"
+    conn: sqlite3.Connection | Db,
+    migrations: Sequence[Migration] = MIGRATIONS,
+    *,
+    where: str = "the registry",
 ) -> list[int]:
     """Apply the migrations the database lacks, oldest first, one transaction each; the versions applied.
 

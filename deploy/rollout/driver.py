@@ -328,8 +328,8 @@ class Driver:
                     gen = gens[m["device_id"]]
                     envelope = self.manifest(m["device_id"], old, dep["id"] + "-rb", dep["id"], gen,
                                              dep["sections"], policy.manifest_ttl_s)  # fmt: skip
-                    self.reg.update_member(dep["id"], m["device_id"], state="reverting", revert_generation=gen,
-                                           finished_at=now, outbox=envelope.decode())  # fmt: skip
+                    fields = {"state": "reverting", "revert_generation": gen, "finished_at": now}
+                    self.reg.update_member(dep["id"], m["device_id"], outbox=envelope.decode(), **fields)
                     self.reg.event(dep["id"], "device_reverting", {"device": m["device_id"], "to": old.ref})
                     m["state"] = "reverting"
             self._flush(dep["id"])
