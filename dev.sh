@@ -2,7 +2,8 @@
 # Set everything up on a fresh Debian machine (Python >= 3.11), then run the demo or the tests.
 #
 #   bash dev.sh demo     # local broker + bundle server + 3 real agents: deploy, refuse, update, roll back
-#   bash dev.sh test     # the whole test suite, on real mosquitto brokers, HTTP servers and SQLite files
+#   bash dev.sh test     # the whole test suite, on real mosquitto brokers, HTTP servers, SQLite files
+#                        # and a local PostgreSQL (started here if it is installed and down)
 #   bash dev.sh setup    # only set up
 #
 # Idempotent: a second run reuses .venv and skips what is installed.
@@ -11,6 +12,8 @@ cd "$(dirname "$0")"
 
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+# the registry's tests run on PostgreSQL too (deploy/registry/backend.py): a local server, trust auth
+command -v pg_ctlcluster >/dev/null 2>&1 || command -v pg_isready >/dev/null 2>&1 || need_apt+=(postgresql)
 # systemd-analyze verifies the unit in the tests (no running systemd needed)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 PY=""
@@ -31,6 +34,26 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
   [ -n "$PY" ] || PY=$(command -v python3)
 fi
+
+# PostgreSQL for the tests: up and reachable as postgres on 127.0.0.1:5432, or started here. A server
+# that already answers (CI's service, a developer's own) is left alone.
+pg_up() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }
+if ! pg_up && command -v pg_ctlcluster >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  cluster=$(pg_lsclusters -h 2>/dev/null | awk 'NR==1 {print $1" "$2}')
+  if [ -z "$cluster" ]; then
+    ver=$(ls /usr/lib/postgresql | sort -V | tail -1)
+    $SUDO pg_createcluster "$ver" main >/dev/null
+    cluster="$ver main"
+  fi
+  # trust for local TCP connections: a test server, never one that holds real data
+  hba=$(ls /etc/postgresql/${cluster% *}/main/pg_hba.conf)
+  grep -q '^host all all 127.0.0.1/32 trust' "$hba" || \
+    $SUDO sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+  $SUDO pg_ctlcluster $cluster start || $SUDO pg_ctlcluster $cluster reload
+  for _ in $(seq 30); do pg_up && break; sleep 1; done
+fi
+pg_up || echo "warning: no PostgreSQL on 127.0.0.1:5432; the registry's PostgreSQL tests will be skipped" >&2
 
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv

@@ -1,7 +1,8 @@
 """The control plane's configuration: ``<home>/config.toml``, then ``EDGE_DEPLOY_*`` variables.
 
 The home directory (``--home``, ``EDGE_DEPLOY_HOME``, default ``./.edge-deploy``) holds the registry
-(``registry.db``), the local artifact store (``artifacts/``) and, by default, the signing key.
+(``registry.db``, unless ``registry.url`` names a PostgreSQL database), the local artifact store
+(``artifacts/``) and, by default, the signing key.
 Relative paths in the file are relative to the home directory. Every setting has a default, so a
 new home works on embedded defaults (a local broker on 127.0.0.1:8883, a local artifact store
 served by ``edge-deploy serve`` on 127.0.0.1:8700).
@@ -46,11 +47,21 @@ class ArtifactsConfig:
 
 
 @dataclass
+class RegistryConfig:
+    #: empty: the SQLite file <home>/registry.db; or postgresql://user@host/db, shared by several
+    #: `edge-deploy serve` replicas (docs/scaling.md)
+    url: str = ""
+
+
+@dataclass
 class ServeConfig:
     #: the artifact HTTP endpoint of `edge-deploy serve`
     listen: str = "127.0.0.1:8700"
     #: seconds between two passes over the live deployments
     poll: float = 0.5
+    #: seconds a replica's hold on a deployment lasts without renewal: how soon another replica
+    #: resumes the rollouts of one that died (each pass renews it, so it must exceed a step's time)
+    lease: float = 30.0
 
 
 @dataclass
@@ -60,10 +71,16 @@ class ControlPlaneConfig:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
     @property
     def registry_path(self) -> Path:
         return self.home / "registry.db"
+
+    @property
+    def registry_location(self) -> Path | str:
+        """What Registry() opens: registry.url, else the SQLite file in the home directory."""
+        return self.registry.url or self.registry_path
 
     @property
     def artifacts_url(self) -> str:
@@ -89,6 +106,11 @@ class ControlPlaneConfig:
         host, sep, port = self.serve.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError("serve.listen", f"{self.serve.listen!r} is not HOST:PORT")
+        url = self.registry.url
+        if url and not url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError("registry.url", "must be a postgresql:// URL, or empty for <home>/registry.db")
+        if self.serve.lease <= 0:
+            raise ConfigError("serve.lease", "must be a positive number of seconds")
         if not 0 < self.artifacts.url_expiry <= 7 * 24 * 3600:
             raise ConfigError("artifacts.url_expiry", "must be between 1 s and 7 days")
 

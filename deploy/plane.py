@@ -42,6 +42,8 @@ class ControlPlane:
         self._registry: Registry | None = None
         self._artifacts: ArtifactStore | None = None
         self._op: OperatorClient | None = None
+        #: set by `edge-deploy serve`: its replicas share the heartbeats (publisher.py)
+        self.heartbeat_group: str | None = None
 
     def close(self) -> None:
         if self._op is not None:
@@ -60,7 +62,7 @@ class ControlPlane:
     @property
     def registry(self) -> Registry:
         if self._registry is None:
-            self._registry = Registry(self.cfg.registry_path)
+            self._registry = Registry(self.cfg.registry_location)
         return self._registry
 
     @property
@@ -78,7 +80,10 @@ class ControlPlane:
         """The operator's broker connection, with the devices' retained reports in the registry."""
         if self._op is None:
             b = self.cfg.broker
-            op = OperatorClient(b.host, b.port, ca=b.ca, cert=b.cert, key=b.key, prefix=b.prefix)
+            op = OperatorClient(
+                b.host, b.port, ca=b.ca, cert=b.cert, key=b.key, prefix=b.prefix,
+                heartbeat_group=self.heartbeat_group,
+            )  # fmt: skip
             op.keep_log = True
             try:
                 op.connect(b.connect_timeout)

@@ -43,8 +43,12 @@ class OperatorClient:
         key: Path | None = None,
         prefix: str = DEFAULT_PREFIX,
         client_id: str | None = None,
+        heartbeat_group: str | None = None,
     ) -> None:
         self.prefix = prefix
+        #: an MQTT 5 shared subscription group for heartbeats (docs/scaling.md): each heartbeat goes
+        #: to one member of the group, so replicas of `edge-deploy serve` store it once, not once each
+        self.heartbeat_group = heartbeat_group
         self._client = mqtt.Client(
             client_id=client_id or f"operator-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
         )
@@ -120,7 +124,14 @@ class OperatorClient:
             client.subscribe(f"{self.prefix}/devices/+/status", qos=1)
             client.subscribe(f"{self.prefix}/devices/+/online", qos=1)
             client.subscribe(f"{self.prefix}/devices/+/inventory", qos=1)
-            client.subscribe(f"{self.prefix}/devices/+/heartbeat", qos=0)
+            # Heartbeats only may be shared: they are live, not retained. The retained reports above
+            # stay a subscription of each replica's own, as a broker does not deliver retained
+            # messages on a shared subscription (MQTT 5, 4.8.2), and every replica's driver needs
+            # every device's status.
+            beats = f"{self.prefix}/devices/+/heartbeat"
+            if self.heartbeat_group:
+                beats = f"$share/{self.heartbeat_group}/{beats}"
+            client.subscribe(beats, qos=0)
             with self._cond:
                 self._last_message = time.monotonic()  # the retained reports are on their way
             self._connected.set()

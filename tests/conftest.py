@@ -18,6 +18,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from conftest_pg import fresh_database
 
 from simulators.broker import ClientCert, Mosquitto
 from simulators.bundle_server import BundleServer
@@ -207,3 +208,14 @@ def mqtt_client(broker: Mosquitto) -> Iterator[MqttClientFactory]:
     yield make
     for client in clients:
         client.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry_location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path | str]:
+    """Where a registry lives, once per database: one test body run on both (a new SQLite file;
+    a new PostgreSQL database, dropped after the test: tests/conftest_pg.py)."""
+    if request.param == "sqlite":
+        yield tmp_path / "registry.db"
+        return
+    with fresh_database() as url:
+        yield url

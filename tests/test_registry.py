@@ -1,4 +1,5 @@
-"""The control plane's registry (deploy/registry/) over a real SQLite file: versions, searches,
+"""The control plane's registry (deploy/registry/) over a real SQLite file and a real PostgreSQL
+database (the ``registry_location`` fixture runs each test on both): versions, searches,
 refusals and their codes, devices, deployments, leases, heartbeats and migrations.
 
 Images are registered with a fake ``build``: these are tests of the registry, not of the bundle builder.
@@ -30,8 +31,8 @@ from edge_core.errors import ControlPlaneError, ErrorCode
 
 
 @pytest.fixture
-def reg(tmp_path: Path) -> Iterator[Registry]:
-    r = Registry(tmp_path / "registry.db")
+def reg(registry_location: Path | str) -> Iterator[Registry]:
+    r = Registry(registry_location)
     yield r
     r.close()
 
@@ -490,8 +491,8 @@ def test_next_generation_above_a_reported_generation(reg: Registry) -> None:
     assert reg.next_generation("d1") == g2 + 1
 
 
-def test_next_generation_survives_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "registry.db"
+def test_next_generation_survives_reopen(registry_location: Path | str) -> None:
+    path = registry_location
     r = Registry(path)
     r.observe_device("d1", "status", {"generation": 10**15})
     g = r.next_generation("d1")
@@ -704,8 +705,8 @@ def test_new_registry_has_the_latest_schema(tmp_path: Path) -> None:
         r.close()
 
 
-def test_reopen_keeps_data(tmp_path: Path) -> None:
-    path = tmp_path / "registry.db"
+def test_reopen_keeps_data(registry_location: Path | str) -> None:
+    path = registry_location
     r = Registry(path)
     m = add_model(r, "m", {"k": "v"})
     img = add_image(r, "img", {"clf": m})

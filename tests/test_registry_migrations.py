@@ -2,13 +2,15 @@
 
 A file made by edge-deploy before its migrations were SQL files (schema version 1 in
 ``PRAGMA user_version``, no ``schema_migrations``) is written here by hand, statement for statement
-as that code's sqlite-utils wrote it. Later migrations are injected through ``migrate()``.
+as that code's sqlite-utils wrote it. Later migrations are injected through ``migrate()``. The last
+tests run on both databases: a SQLite file and a fresh PostgreSQL database (tests/conftest_pg.py).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import sqlite3
+import threading
 import time
 import tomllib
 from collections.abc import Iterator, Sequence
@@ -18,6 +20,8 @@ from typing import Any
 import pytest
 
 from deploy.registry import MIGRATIONS, Migration, Registry, migrate
+from deploy.registry.backend import Db, SqliteDb
+from deploy.registry.backend import connect as connect_db
 from deploy.registry.migrate import LEDGER, check_sequence, load_migrations, recorded, schema_version
 from edge_core.errors import ControlPlaneError, ErrorCode
 
@@ -108,7 +112,7 @@ def user_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
-def ledger(conn: sqlite3.Connection) -> list[tuple[int, str]]:
+def ledger(conn: sqlite3.Connection | Db) -> list[tuple[int, str]]:
     return [(v, n) for v, n, _ in recorded(conn)]
 
 
@@ -156,7 +160,11 @@ def failing(version: int) -> Migration:
     )
 
 
-ADD_NOTE = Migration(2, "model_notes", "ALTER TABLE models ADD COLUMN note TEXT;\n")
+#: the shipped schema's version; the migrations the tests inject come after it
+N = len(MIGRATIONS)
+#: the ledger of a registry at the shipped version
+SHIPPED = [(m.version, m.name) for m in MIGRATIONS]
+ADD_NOTE = Migration(N + 1, "model_notes", "ALTER TABLE models ADD COLUMN note TEXT;\n")
 
 
 # -- the shipped migrations ----------------------------------------------------------------------------
@@ -183,6 +191,7 @@ def test_a_new_registry_records_every_migration(tmp_path: Path) -> None:
     before = time.time()
     r = Registry(tmp_path / "registry.db")
     try:
+        assert isinstance(r.db, SqliteDb)
         conn = r.db.conn
         assert ledger(conn) == [(m.version, m.name) for m in MIGRATIONS]
         assert all(before <= t <= time.time() for _, _, t in recorded(conn))
@@ -192,19 +201,19 @@ def test_a_new_registry_records_every_migration(tmp_path: Path) -> None:
 
 
 def test_each_migration_is_recorded_in_its_own_transaction(conn: sqlite3.Connection) -> None:
-    extra = [ADD_NOTE, Migration(3, "model_owners", "ALTER TABLE models ADD COLUMN owner TEXT;\n")]
-    assert migrate(conn, [*MIGRATIONS, *extra]) == [1, 2, 3]
-    assert ledger(conn) == [(1, "initial"), (2, "model_notes"), (3, "model_owners")]
-    assert user_version(conn) == schema_version(conn) == 3
+    extra = [ADD_NOTE, Migration(N + 2, "model_owners", "ALTER TABLE models ADD COLUMN owner TEXT;\n")]
+    assert migrate(conn, [*MIGRATIONS, *extra]) == list(range(1, N + 3))
+    assert ledger(conn) == [*SHIPPED, (N + 1, "model_notes"), (N + 2, "model_owners")]
+    assert user_version(conn) == schema_version(conn) == N + 2
     # nothing left to do: nothing applied, nothing recorded twice
     assert migrate(conn, [*MIGRATIONS, *extra]) == []
-    assert len(ledger(conn)) == 3
+    assert len(ledger(conn)) == N + 2
 
 
 def test_the_initial_migration_is_the_schema_the_old_code_made(
     old_file: Path, conn: sqlite3.Connection
 ) -> None:
-    migrate(conn)
+    migrate(conn, MIGRATIONS[:1])  # 0001 alone: the later ones change the schema on purpose
     old = connect(old_file)
     try:
         assert shape(conn) == shape(old)
@@ -218,8 +227,9 @@ def test_the_initial_migration_is_the_schema_the_old_code_made(
 def test_an_old_registry_opens_keeps_its_data_and_is_adopted(old_file: Path) -> None:
     r = Registry(old_file)
     try:
-        assert ledger(r.db.conn) == [(1, "initial")]
-        assert r.schema_version == 1
+        # adopted as version 1, then brought up to date
+        assert ledger(r.db) == SHIPPED
+        assert r.schema_version == N
         assert r.model("m", 1).tags == {"k": "v"}
         assert r.image("img").models == ("m:1",)
         assert r.deployment("dep-1")["state"] == "running"
@@ -234,10 +244,10 @@ def test_an_old_registry_opens_keeps_its_data_and_is_adopted(old_file: Path) -> 
         assert [e["kind"] for e in r.events("dep-1")] == ["created", "paused"]
     finally:
         r.close()
-    # and the old code, which reads user_version only, still reads it as the version it knows
+    # and the old code, which reads user_version only, sees a version above its own and refuses it
     conn = connect(old_file)
     try:
-        assert user_version(conn) == 1
+        assert user_version(conn) == N
     finally:
         conn.close()
 
@@ -245,14 +255,14 @@ def test_an_old_registry_opens_keeps_its_data_and_is_adopted(old_file: Path) -> 
 def test_an_old_registry_upgrades_through_a_later_migration(old_file: Path) -> None:
     conn = connect(old_file)
     try:
-        assert migrate(conn, [*MIGRATIONS, ADD_NOTE]) == [2]
-        assert ledger(conn) == [(1, "initial"), (2, "model_notes")]
-        assert user_version(conn) == 2
+        assert migrate(conn, [*MIGRATIONS, ADD_NOTE]) == list(range(2, N + 2))
+        assert ledger(conn) == [*SHIPPED, (N + 1, "model_notes")]
+        assert user_version(conn) == N + 1
         assert "note" in columns(conn, "models")
         assert conn.execute("SELECT name, version, note FROM models").fetchall() == [("m", 1, None)]
     finally:
         conn.close()
-    # this edge-deploy knows version 1 only: the upgraded file is now too new for it
+    # this edge-deploy knows version N only: the upgraded file is now too new for it
     with pytest.raises(ControlPlaneError) as exc:
         Registry(old_file)
     assert exc.value.code == ErrorCode.REGISTRY_TOO_NEW
@@ -268,14 +278,15 @@ def test_a_migration_that_fails_midway_leaves_the_old_version(tmp_path: Path) ->
     try:
         before = conn.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
         with pytest.raises(sqlite3.OperationalError, match="no_such_table") as exc:
-            migrate(conn, [*MIGRATIONS, failing(2)], where="the test registry")
-        assert any("0002_breaks_midway" in n and "version 1" in n for n in exc.value.__notes__)
+            migrate(conn, [*MIGRATIONS, failing(N + 1)], where="the test registry")
+        label = f"{N + 1:04d}_breaks_midway"
+        assert any(label in n and f"version {N}" in n for n in exc.value.__notes__)
         assert not conn.in_transaction
         assert "half_made" not in tables(conn)
         assert "half_column" not in columns(conn, "models")
         assert conn.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall() == before
-        assert ledger(conn) == [(1, "initial")]
-        assert user_version(conn) == 1
+        assert ledger(conn) == SHIPPED
+        assert user_version(conn) == N
     finally:
         conn.close()
     Registry(path).close()
@@ -283,9 +294,9 @@ def test_a_migration_that_fails_midway_leaves_the_old_version(tmp_path: Path) ->
 
 def test_migrations_applied_before_the_failing_one_stay(conn: sqlite3.Connection) -> None:
     with pytest.raises(sqlite3.OperationalError):
-        migrate(conn, [*MIGRATIONS, ADD_NOTE, failing(3)])
-    assert ledger(conn) == [(1, "initial"), (2, "model_notes")]
-    assert user_version(conn) == 2
+        migrate(conn, [*MIGRATIONS, ADD_NOTE, failing(N + 2)])
+    assert ledger(conn) == [*SHIPPED, (N + 1, "model_notes")]
+    assert user_version(conn) == N + 1
     assert "half_made" not in tables(conn)
 
 
@@ -302,7 +313,8 @@ def test_a_failure_after_adopting_an_old_registry_leaves_it_as_it_was(old_file: 
     conn = connect(old_file)
     try:
         with pytest.raises(sqlite3.OperationalError):
-            migrate(conn, [*MIGRATIONS, failing(2)])
+            # 0001 alone: adopting it and the failing 0002 are one transaction
+            migrate(conn, [MIGRATIONS[0], failing(2)])
         assert LEDGER not in tables(conn)
         assert "half_made" not in tables(conn)
         assert user_version(conn) == 1
@@ -313,7 +325,7 @@ def test_a_failure_after_adopting_an_old_registry_leaves_it_as_it_was(old_file: 
 # -- a registry newer than the code --------------------------------------------------------------------
 
 
-def too_new(path: Path) -> ControlPlaneError:
+def too_new(path: Path | str) -> ControlPlaneError:
     with pytest.raises(ControlPlaneError) as exc:
         Registry(path)
     assert exc.value.code == ErrorCode.REGISTRY_TOO_NEW
@@ -329,12 +341,12 @@ def test_a_registry_with_a_newer_recorded_migration_is_refused(tmp_path: Path) -
     finally:
         conn.close()
     err = too_new(path)
-    assert f"schema version 2; this edge-deploy knows up to {len(MIGRATIONS)}" in err.message
+    assert f"schema version {N + 1}; this edge-deploy knows up to {N}" in err.message
     assert str(path) in err.message
     conn = connect(path)
     try:
         assert conn.execute("SELECT * FROM sqlite_master").fetchall() == before
-        assert ledger(conn) == [(1, "initial"), (2, "model_notes")]
+        assert ledger(conn) == [*SHIPPED, (N + 1, "model_notes")]
     finally:
         conn.close()
 
@@ -418,3 +430,53 @@ def test_migrate_needs_an_autocommit_connection(tmp_path: Path) -> None:
         assert tables(conn) == set()
     finally:
         conn.close()
+
+
+# -- on both databases (the registry_location fixture: a SQLite file, a fresh PostgreSQL database) ------
+
+
+def test_replicas_opening_one_registry_at_once_apply_each_migration_once(
+    registry_location: Path | str,
+) -> None:
+    """Replicas starting together: each migration applied and recorded once, none of them failing
+    (PostgreSQL: the runner's advisory lock; SQLite: BEGIN IMMEDIATE)."""
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def open_one() -> None:
+        try:
+            barrier.wait()
+            Registry(registry_location).close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    db = connect_db(registry_location)
+    try:
+        assert ledger(db) == SHIPPED
+        assert schema_version(db) == N
+    finally:
+        db.close()
+
+
+def test_a_failing_migration_leaves_the_old_version_on_both(registry_location: Path | str) -> None:
+    Registry(registry_location).close()
+    db = connect_db(registry_location)
+    try:
+        with pytest.raises(db.errors) as exc:
+            migrate(db, [*MIGRATIONS, failing(N + 1)], where="the test registry")
+        assert any(f"{N + 1:04d}_breaks_midway" in n for n in exc.value.__notes__)
+        assert not db.in_transaction
+        assert "half_made" not in db.table_names()
+        assert ledger(db) == SHIPPED
+        # and a later migration that works is applied
+        assert migrate(db, [*MIGRATIONS, ADD_NOTE]) == [N + 1]
+    finally:
+        db.close()
+    err = too_new(registry_location)
+    assert f"schema version {N + 1}" in err.message

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from deploy.cli._common import open_plane
 from deploy.registry import LIVE_STATES
+from deploy.registry.backend import redact
 
 if TYPE_CHECKING:
     from deploy.cli._common import Subparsers
@@ -31,19 +32,24 @@ def run(args: argparse.Namespace) -> int:
         host, _, port = listen.rpartition(":")
         root = cp.artifacts.root
         server = ArtifactServer(root, host=host, port=int(port), keep_requests=1000).start() if root else None
+        # replicas on one registry split the heartbeats between them instead of each storing all
+        cp.heartbeat_group = "edge-deploy"
         driver = cp.driver()
-        # One identity per host and home: a serve restarted after a crash takes its own lease back at once.
+        # One identity per host and home: a serve restarted after a crash takes its own lease back at
+        # once. Replicas on one PostgreSQL registry therefore need a home (or a host) of their own.
         driver.owner = f"serve@{socket.gethostname()}:{cp.cfg.home.absolute()}"
-        print(
-            json.dumps({"serving": server.url if server else None, "registry": str(cp.cfg.registry_path)}),
-            flush=True,
-        )
+        driver.LEASE_S = lease = cp.cfg.serve.lease
+        registry = redact(cp.cfg.registry_location)
+        print(json.dumps({"serving": server.url if server else None, "registry": registry,
+                          "owner": driver.owner}), flush=True)  # fmt: skip
         try:
             while True:
                 cp.ingest()
                 for dep in cp.registry.deployments():
                     live = dep["state"] in LIVE_STATES or dep["command"]
-                    if live and cp.registry.take_lease(dep["id"], driver.owner, driver.LEASE_S):
+                    # each pass renews the leases this replica holds; one that dies stops renewing,
+                    # and another replica takes its deployments when the lease runs out
+                    if live and cp.registry.take_lease(dep["id"], driver.owner, lease):
                         driver.step_or_wait(dep["id"])
                 time.sleep(cp.cfg.serve.poll)
         finally:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from deploy.registry.backend import Db
 from deploy.registry.names import check_name
 from deploy.registry.store import LIVE_STATES, Store, dump, load, now, tag_filter
 from edge_core.errors import ControlPlaneError, ErrorCode
@@ -95,10 +96,10 @@ def _model(row: Mapping[str, Any]) -> Model:
 
 
 def _filters(
-    alias: str, name: str | None, version: int | None, tags: Mapping[str, str] | None
+    self_db: Db, alias: str, name: str | None, version: int | None, tags: Mapping[str, str] | None
 ) -> tuple[str, list[Any]]:
     """The WHERE clause of a search of models or images (``alias`` is the table's, with its dot)."""
-    where, params = ["1"], list[Any]()
+    where, params = ["1 = 1"], list[Any]()
     if name:
         where.append(f"{alias}name = ?")
         params.append(name)
@@ -106,7 +107,7 @@ def _filters(
         where.append(f"{alias}version = ?")
         params.append(version)
     if tags:
-        clause, p = tag_filter(f"{alias}tags", tags)
+        clause, p = tag_filter(self_db, f"{alias}tags", tags)
         where.append(clause)
         params += p
     return " AND ".join(where), params
@@ -150,6 +151,8 @@ class Catalog(Store):
         return self.model(name, version)
 
     def _next_version(self, table: str, name: str) -> int:
+        # PostgreSQL: two replicas registering the same name would both read the same MAX
+        self.db.lock(f"next_version:{table}")
         row = self.db.execute(f"SELECT MAX(version) FROM {table} WHERE name = ?", [name]).fetchone()
         return int(row[0] or 0) + 1
 
@@ -176,7 +179,7 @@ class Catalog(Store):
     def models(
         self, name: str | None = None, version: int | None = None, tags: Mapping[str, str] | None = None
     ) -> list[Model]:
-        where, params = _filters("", name, version, tags)
+        where, params = _filters(self.db, "", name, version, tags)
         sql = f"SELECT * FROM models WHERE {where} ORDER BY name, version"
         return [_model(r) for r in self._rows(sql, params)]
 
@@ -274,7 +277,7 @@ class Catalog(Store):
         tags: Mapping[str, str] | None = None,
         model: tuple[str, int | None] | None = None,
     ) -> list[Image]:
-        clause, params = _filters("i.", name, version, tags)
+        clause, params = _filters(self.db, "i.", name, version, tags)
         where = [clause]
         if model is not None:
             sub = (
@@ -296,9 +299,9 @@ class Catalog(Store):
             )
             users += self._rows(
                 "SELECT DISTINCT d.id, d.state FROM deployment_devices dd JOIN deployments d "
-                "ON d.id = dd.deployment_id WHERE json_extract(dd.previous, '$.sha256') = ? "
+                f"ON d.id = dd.deployment_id WHERE {self.db.json_field('dd.previous')} = ? "
                 "AND d.state IN (?, ?, ?)",
-                [img.sha256, *LIVE_STATES],
+                [self.db.json_key("sha256"), img.sha256, *LIVE_STATES],
             )
             if users:
                 names = ", ".join(sorted({f"{u['id']} ({u['state']})" for u in users}))

@@ -10,6 +10,10 @@ from deploy.registry.store import LIVE_STATES, dump, load, now
 from edge_core.errors import ControlPlaneError, ErrorCode
 
 
+class LeaseLost(Exception):
+    """Another driver holds the deployment's lease: this one must not act on it."""
+
+
 def _deployment(row: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(row)
     for k in ("target", "policy", "sections"):
@@ -99,7 +103,7 @@ class Deployments(Catalog):
         device: str | None = None,
         state: str | None = None,
     ) -> list[dict[str, Any]]:
-        where: list[str] = ["1"]
+        where: list[str] = ["1 = 1"]
         params: list[Any] = []
         if image is not None:
             ids = [i.id for i in self.images(name=image[0], version=image[1])]
@@ -133,7 +137,10 @@ class Deployments(Catalog):
     def take_command(self, dep_id: str) -> str | None:
         """The operator's pending command, cleared in the same transaction (none is lost to a race)."""
         with self.tx():
-            row = self.db.execute("SELECT command FROM deployments WHERE id = ?", [dep_id]).fetchone()
+            # the row locked (PostgreSQL) until the command is cleared: two replicas never both take it
+            row = self.db.execute(
+                f"SELECT command FROM deployments WHERE id = ?{self.db.for_update}", [dep_id]
+            ).fetchone()
             if row and row[0]:
                 self.db.execute("UPDATE deployments SET command = NULL WHERE id = ?", [dep_id])
                 return str(row[0])
@@ -153,6 +160,26 @@ class Deployments(Catalog):
             r["previous"] = load(r["previous"])
             r["error"] = load(r["error"])
         return rows
+
+    def outbox(self, dep_id: str) -> list[tuple[str, bytes]]:
+        """Manifests recorded for the deployment's devices and not yet acknowledged by the broker
+        (migration 0002), as (device, the exact envelope)."""
+        rows = self.db.execute(
+            "SELECT device_id, outbox FROM deployment_devices WHERE deployment_id = ? "
+            "AND outbox IS NOT NULL ORDER BY device_id",
+            [dep_id],
+        ).fetchall()
+        return [(str(d), str(env).encode()) for d, env in rows]
+
+    def clear_outbox(self, dep_id: str, items: Sequence[tuple[str, bytes]]) -> None:
+        """The broker acknowledged these envelopes. Only the same bytes are cleared: a newer
+        manifest recorded in the meantime (a rollback) stays to be published."""
+        with self.tx():
+            self.db.executemany(
+                "UPDATE deployment_devices SET outbox = NULL WHERE deployment_id = ? AND device_id = ? "
+                "AND outbox = ?",
+                [(dep_id, d, env.decode()) for d, env in items],
+            )
 
     def update_member(self, dep_id: str, device_id: str, **fields: Any) -> None:
         for k in ("previous", "error"):
@@ -196,6 +223,25 @@ class Deployments(Catalog):
                 [owner, t + ttl, dep_id, owner, t],
             )
             return cur.rowcount == 1
+
+    def hold_lease(self, dep_id: str, owner: str) -> None:
+        """Inside a write transaction: refuse (LeaseLost) when another driver holds a lease on the
+        deployment that has not run out, and keep it from being taken until the transaction ends.
+
+        The fence in front of a publication. A driver that stalled past its lease (a long GC, a
+        paused VM) must not publish for a step that another replica has taken over: it would issue
+        a second generation for the same devices. The row is locked (PostgreSQL: FOR UPDATE; SQLite:
+        the write lock of BEGIN IMMEDIATE), so take_lease() of another replica waits for this
+        transaction, and sees what it recorded. No lease at all (a driver stepping a deployment
+        directly, as tests do) is not refused: there is no one to be fenced off from."""
+        row = self.db.execute(
+            f"SELECT lease_owner, lease_until FROM deployments WHERE id = ?{self.db.for_update}", [dep_id]
+        ).fetchone()
+        if row is None:
+            return
+        holder, until = row[0], float(row[1] or 0)
+        if holder is not None and holder != owner and until >= now():
+            raise LeaseLost(f"deployment {dep_id} is driven by {holder} now, not {owner}")
 
     def release_lease(self, dep_id: str, owner: str) -> None:
         with self.tx():

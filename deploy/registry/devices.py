@@ -39,21 +39,14 @@ class Devices(Store):
         """Learn a device from one of its retained reports (inventory, online, status)."""
         t = now()
         with self.tx():
-            row = self._rows("SELECT * FROM devices WHERE id = ?", [device_id])
-            rec: dict[str, Any] = (
-                row[0]
-                if row
-                else {
-                    "id": device_id,
-                    "tags": "{}",
-                    "online": 0,
-                    "last_seen": None,
-                    "inventory": None,
-                    "status": None,
-                    "last_generation": 0,
-                    "created_at": t,
-                }
+            # Every replica ingests every retained report: the row is created at most once (ON
+            # CONFLICT: both databases), then read locked, so two replicas' updates do not mix.
+            self.db.execute(
+                "INSERT INTO devices (id, tags, online, last_seen, inventory, status, last_generation, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                [device_id, "{}", 0, None, None, None, 0, t],
             )
+            rec = self._rows(f"SELECT * FROM devices WHERE id = ?{self.db.for_update}", [device_id])[0]
             if kind == "inventory":
                 rec["inventory"] = dump(doc)
                 rec["last_seen"] = t
@@ -65,9 +58,6 @@ class Devices(Store):
                 gen = doc.get("generation")
                 if isinstance(gen, int) and gen > (rec["last_generation"] or 0):
                     rec["last_generation"] = gen
-            if not row:
-                self._insert("devices", [rec])
-                return
             self.db.execute(
                 "UPDATE devices SET online = ?, last_seen = ?, inventory = ?, status = ?, "
                 "last_generation = ? WHERE id = ?",
@@ -89,7 +79,9 @@ class Devices(Store):
             if kind in ("inventory", "online", "status"):
                 latest[(d, kind)] = doc
         with self.tx():
-            for (d, kind), doc in latest.items():
+            # in one order (device, kind) in every replica: row locks taken in different orders by
+            # two transactions would deadlock on PostgreSQL
+            for (d, kind), doc in sorted(latest.items(), key=lambda item: item[0]):
                 self.observe_device(d, kind, doc)
             if beats:
                 self.add_heartbeats(beats)
@@ -105,9 +97,9 @@ class Devices(Store):
         return _device(rows[0])
 
     def devices(self, tags: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
-        where, params = "1", list[Any]()
+        where, params = "1 = 1", list[Any]()
         if tags:
-            where, params = tag_filter("tags", tags)
+            where, params = tag_filter(self.db, "tags", tags)
         return [_device(r) for r in self._rows(f"SELECT * FROM devices WHERE {where} ORDER BY id", params)]
 
     def tag_device(
@@ -126,9 +118,11 @@ class Devices(Store):
         floor = int(now() * 1000)
         out = {}
         with self.tx():
-            for device_id in device_ids:
+            # sorted, as in ingest(): one lock order everywhere; the rows locked, so a generation is
+            # issued once even when two replicas ask for the same device at once
+            for device_id in sorted(device_ids):
                 row = self.db.execute(
-                    "SELECT last_generation FROM devices WHERE id = ?", [device_id]
+                    f"SELECT last_generation FROM devices WHERE id = ?{self.db.for_update}", [device_id]
                 ).fetchone()
                 gen = max((int(row[0] or 0) if row else 0) + 1, floor)
                 self.db.execute("UPDATE devices SET last_generation = ? WHERE id = ?", [gen, device_id])

@@ -1,6 +1,6 @@
 """The registry's schema: numbered plain-SQL migrations (``migrations/NNNN_name.sql``) and their runner.
 
-Each migration runs in its own ``BEGIN IMMEDIATE`` transaction together with the row that records it
+Each migration runs in its own write transaction together with the row that records it
 in ``schema_migrations``: one that fails leaves the file at the version before it, with nothing of
 it written, and two processes opening the same registry never apply one twice.
 
@@ -9,8 +9,10 @@ it written, and two processes opening the same registry never apply one twice.
 recorded, nothing re-run). And an older edge-deploy, which reads only ``user_version``, still
 refuses a registry newer than itself.
 
-The SQL files are portable (see 0001's header); this runner is SQLite's: a PostgreSQL one would
-keep the ledger and drop the pragma.
+The SQL files are portable (see 0001's header) and this runner applies them to both databases
+(deploy/registry/backend.py). On PostgreSQL there is no ``user_version`` (the ledger alone counts),
+and each migration's transaction first takes an advisory lock, so replicas that start together
+apply each migration once: the second waits, then finds it recorded.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
 
+from deploy.registry.backend import Db, SqliteDb
 from edge_core.errors import ControlPlaneError, ErrorCode
 
 FILE_RE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
@@ -87,59 +90,63 @@ def load_migrations(folder: Traversable | None = None) -> tuple[Migration, ...]:
 MIGRATIONS: tuple[Migration, ...] = load_migrations()
 
 
-def _has_ledger(conn: sqlite3.Connection) -> bool:
-    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [LEDGER]).fetchone()
-    return row is not None
+def _db(conn: sqlite3.Connection | Db) -> Db:
+    return SqliteDb(conn) if isinstance(conn, sqlite3.Connection) else conn
 
 
-def _user_version(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("PRAGMA user_version").fetchone()[0])
-
-
-def recorded(conn: sqlite3.Connection) -> list[tuple[int, str, float]]:
+def recorded(conn: sqlite3.Connection | Db) -> list[tuple[int, str, float]]:
     """The ledger's rows (version, name, applied_at), oldest first; none before the ledger exists."""
-    if not _has_ledger(conn):
+    db = _db(conn)
+    if not db.has_table(LEDGER):
         return []
-    rows = conn.execute(f"SELECT version, name, applied_at FROM {LEDGER} ORDER BY version").fetchall()
+    rows = db.execute(f"SELECT version, name, applied_at FROM {LEDGER} ORDER BY version").fetchall()
     return [(int(v), str(n), float(t)) for v, n, t in rows]
 
 
-def schema_version(conn: sqlite3.Connection) -> int:
-    return max([_user_version(conn), *(v for v, _, _ in recorded(conn))])
+def schema_version(conn: sqlite3.Connection | Db) -> int:
+    db = _db(conn)
+    return max([db.user_version(), *(v for v, _, _ in recorded(db))])
 
 
 def migrate(
-    conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS, *, where: str = "the registry"
+    conn: sqlite3.Connection | Db,
+    migrations: Sequence[Migration] = MIGRATIONS,
+    *,
+    where: str = "the registry",
 ) -> list[int]:
-    """Apply the migrations the file lacks, oldest first, one transaction each; the versions applied.
+    """Apply the migrations the database lacks, oldest first, one transaction each; the versions applied.
 
-    ``conn`` must be in autocommit mode (``isolation_level=None``): the runner opens and ends its
-    own transactions. ``where`` names the file in messages ("the registry /srv/registry.db")."""
-    if conn.isolation_level is not None or conn.in_transaction:
+    ``conn`` must be in autocommit mode (``isolation_level=None`` for sqlite3): the runner opens and
+    ends its own transactions. ``where`` names the database in messages ("the registry /srv/registry.db")."""
+    if isinstance(conn, sqlite3.Connection) and conn.isolation_level is not None:
+        raise ValueError("migrate() needs a connection in autocommit mode, outside a transaction")
+    db = _db(conn)
+    if db.in_transaction:
         raise ValueError("migrate() needs a connection in autocommit mode, outside a transaction")
     check_sequence(migrations)
     applied: list[int] = []
     while True:
-        conn.execute("BEGIN IMMEDIATE")
+        db.begin()
         try:
-            version = _step(conn, migrations, where)
+            # PostgreSQL: replicas starting together queue here, and each then sees the ledger as
+            # the one before it left it (SQLite's BEGIN IMMEDIATE already did the same).
+            db.lock(LEDGER)
+            version = _step(db, migrations, where)
         except BaseException:
-            # some errors (a full disk) end the transaction inside SQLite already
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            db.rollback()
             raise
-        conn.execute("COMMIT")
+        db.commit()
         if version is None:
             return applied
         applied.append(version)
 
 
-def _step(conn: sqlite3.Connection, migrations: Sequence[Migration], where: str) -> int | None:
+def _step(db: Db, migrations: Sequence[Migration], where: str) -> int | None:
     """Inside one transaction: adopt a pre-ledger file, then apply the next missing migration."""
-    user_version = _user_version(conn)
-    has_ledger = _has_ledger(conn)
+    user_version = db.user_version()
+    has_ledger = db.has_table(LEDGER)
     # before the ledger, user_version N meant migrations 1..N had run
-    done = {v for v, _, _ in recorded(conn)} if has_ledger else set(range(1, user_version + 1))
+    done = {v for v, _, _ in recorded(db)} if has_ledger else set(range(1, user_version + 1))
     have = max([user_version, *done])
     if have > len(migrations):
         raise ControlPlaneError(
@@ -150,19 +157,18 @@ def _step(conn: sqlite3.Connection, migrations: Sequence[Migration], where: str)
     now = time.time()
     insert = f"INSERT INTO {LEDGER} (version, name, applied_at) VALUES (?, ?, ?)"
     if not has_ledger:
-        conn.execute(LEDGER_DDL)
-        conn.executemany(insert, [(m.version, m.name, now) for m in migrations if m.version in done])
+        db.execute(LEDGER_DDL)
+        db.executemany(insert, [(m.version, m.name, now) for m in migrations if m.version in done])
     pending = [m for m in migrations if m.version not in done]
     if not pending:
         return None
     m = pending[0]
     try:
         for statement in m.statements():
-            conn.execute(statement)
-    except sqlite3.Error as e:
+            db.execute(statement)
+    except db.errors as e:
         e.add_note(f"while applying migration {m.label} to {where}, which stays at version {have}")
         raise
-    conn.execute(insert, [m.version, m.name, now])
-    # an int, not a parameter: PRAGMA takes none
-    conn.execute(f"PRAGMA user_version = {max(done | {m.version})}")
+    db.execute(insert, [m.version, m.name, now])
+    db.set_user_version(max(done | {m.version}))
     return m.version

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from deploy.artifacts import ArtifactStore
-from deploy.registry import Image, Registry
+from deploy.registry import Image, LeaseLost, Registry
 from deploy.rollout.policy import (
     COMMANDS,
     TERMINAL,
@@ -120,6 +120,8 @@ class Driver:
         if dep["state"] in TERMINAL and dep["command"] != "rollback":
             return dep
         policy = Policy.from_dict(dep["policy"])
+        # manifests a driver recorded and died (or lost the broker) before the broker took them
+        self._flush(dep_id)
         members = self.reg.members(dep_id)
         self._observe(dep, members, policy)
         command = self.reg.take_command(dep_id)
@@ -140,6 +142,10 @@ class Driver:
             return self.step(dep_id)
         except (TimeoutError, OSError) as exc:
             log.warning("rollout.broker_unavailable", deployment=dep_id, error=str(exc))
+            return self.reg.deployment(dep_id)
+        except LeaseLost as exc:
+            # another replica took the deployment over while this one stalled: it drives now
+            log.warning("rollout.lease_lost", deployment=dep_id, owner=self.owner, error=str(exc))
             return self.reg.deployment(dep_id)
 
     def _transition(self, dep: Mapping[str, Any], event: str, detail: Mapping[str, Any]) -> str:
@@ -181,26 +187,40 @@ class Driver:
     def _publish(
         self, dep: Mapping[str, Any], group: list[dict[str, Any]], policy: Policy, image: Image
     ) -> None:
-        """One wave's manifests: signed, published together, then recorded in one transaction."""
-        out = []
-        gens = self.reg.next_generations([m["device_id"] for m in group])
-        for m in group:
-            device_id = m["device_id"]
-            previous = (self.fleet.report(device_id) or {}).get("active")
-            gen = gens[device_id]
-            envelope = self.manifest(
-                device_id, image, dep["id"], dep["id"], gen, dep["sections"], policy.manifest_ttl_s
-            )
-            out.append((m, gen, previous, envelope))
-        self.fleet.publish_manifests([(m["device_id"], env) for m, _g, _p, env in out])
+        """One wave's manifests: generations issued, manifests signed and recorded with the members'
+        new state in one transaction (the outbox, migration 0002), then published together.
+
+        Recording before publishing is what makes a crash harmless either way: killed before the
+        commit, nothing was issued and the next driver starts the wave afresh; killed after it, the
+        next driver finds the envelopes in the outbox and publishes those same bytes (_flush), which
+        the agent takes as one message. Never a second generation for one step, never a step
+        recorded whose manifest did not reach the broker."""
+        if not group:
+            return
         now = self.clock()
         with self.reg.tx():
-            for m, gen, previous, envelope in out:
-                sha = hashlib.sha256(envelope).hexdigest()
+            self.reg.hold_lease(dep["id"], self.owner)
+            gens = self.reg.next_generations([m["device_id"] for m in group])
+            for m in group:
+                device_id = m["device_id"]
+                previous = (self.fleet.report(device_id) or {}).get("active")
+                gen = gens[device_id]
+                envelope = self.manifest(
+                    device_id, image, dep["id"], dep["id"], gen, dep["sections"], policy.manifest_ttl_s
+                )
                 fields = {"state": "updating", "generation": gen, "previous": previous, "published_at": now,
-                          "manifest_sha256": sha}  # fmt: skip
-                self.reg.update_member(dep["id"], m["device_id"], **fields)
+                          "manifest_sha256": hashlib.sha256(envelope).hexdigest()}  # fmt: skip
+                self.reg.update_member(dep["id"], device_id, outbox=envelope.decode(), **fields)
                 m.update(fields)
+        self._flush(dep["id"])
+
+    def _flush(self, dep_id: str) -> None:
+        """Publish what the outbox holds, then clear it: what a step recorded reaches the broker, even
+        when the driver that recorded it died before publishing."""
+        items = self.reg.outbox(dep_id)
+        if items:
+            self.fleet.publish_manifests(items)
+            self.reg.clear_outbox(dep_id, items)
 
     def _advance(self, dep: Mapping[str, Any], members: list[dict[str, Any]], policy: Policy) -> None:
         image = self.reg.image_by_id(dep["image_id"])
@@ -299,20 +319,20 @@ class Driver:
                 m["state"] = "revert_failed"
             else:
                 reverts.append((m, old))
-        gens = self.reg.next_generations([m["device_id"] for m, _old in reverts])
-        envelopes = [
-            (m["device_id"], self.manifest(m["device_id"], old, dep["id"] + "-rb", dep["id"],
-                                           gens[m["device_id"]], dep["sections"], policy.manifest_ttl_s))
-            for m, old in reverts
-        ]  # fmt: skip
-        if envelopes:
-            self.fleet.publish_manifests(envelopes)
-        with self.reg.tx():
-            for m, old in reverts:
-                self.reg.update_member(dep["id"], m["device_id"], state="reverting",
-                                       revert_generation=gens[m["device_id"]], finished_at=now)  # fmt: skip
-                self.reg.event(dep["id"], "device_reverting", {"device": m["device_id"], "to": old.ref})
-                m["state"] = "reverting"
+        if reverts:
+            # as in _publish: the reverts and their manifests recorded in one transaction, then sent
+            with self.reg.tx():
+                self.reg.hold_lease(dep["id"], self.owner)
+                gens = self.reg.next_generations([m["device_id"] for m, _old in reverts])
+                for m, old in reverts:
+                    gen = gens[m["device_id"]]
+                    envelope = self.manifest(m["device_id"], old, dep["id"] + "-rb", dep["id"], gen,
+                                             dep["sections"], policy.manifest_ttl_s)  # fmt: skip
+                    fields = {"state": "reverting", "revert_generation": gen, "finished_at": now}
+                    self.reg.update_member(dep["id"], m["device_id"], outbox=envelope.decode(), **fields)
+                    self.reg.event(dep["id"], "device_reverting", {"device": m["device_id"], "to": old.ref})
+                    m["state"] = "reverting"
+            self._flush(dep["id"])
         if not any(m["state"] == "reverting" for m in members):
             self._transition(dep, "reverted", {"reason": dep.get("reason")})
 
