@@ -26,7 +26,9 @@ ENV_PREFIX = "EDGE_DEPLOY_"
 @dataclass
 class BrokerConfig:
     host: str = "127.0.0.1"
+    #: the operator listener (`edge-deploy broker config`); device_port is the devices' listener
     port: int = 8883
+    device_port: int = 8883
     #: the broker's CA and the operator identity (its certificate's CN must be an operator in the ACL)
     ca: Path | None = None
     cert: Path | None = None

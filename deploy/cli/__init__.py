@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from deploy.cli import deploy, device, image, keys, manifest, model, serve
+from deploy.cli import broker, deploy, device, image, keys, manifest, model, pki, serve
 from deploy.cli._common import (
     EXIT_FAILED,
     EXIT_HELD,
@@ -51,6 +51,8 @@ class _Group(Protocol):
 
 #: The groups in the order `edge-deploy --help` lists them.
 GROUPS: dict[str, _Group] = {
+    "pki": pki,
+    "broker": broker,
     "keys": keys,
     "model": model,
     "image": image,

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from deploy import config
@@ -24,6 +25,11 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_HELD, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 def listing(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
+
+
+def home_of(args: argparse.Namespace) -> Path:
+    """The control plane's home as ``config.load`` resolves it (--home, $EDGE_DEPLOY_HOME, default)."""
+    return config.load(args.home).home
 
 
 def open_plane(args: argparse.Namespace) -> ControlPlane:
