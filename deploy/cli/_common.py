@@ -33,7 +33,16 @@ def home_of(args: argparse.Namespace) -> Path:
 
 
 def open_plane(args: argparse.Namespace) -> ControlPlane:
-    return ControlPlane(config.load(args.home))
+    cfg = config.load(args.home)
+    if not cfg.home.is_dir():
+        # Opening the registry would create one here, in whatever directory the command ran in.
+        raise ControlPlaneError(
+            ErrorCode.HOME_MISSING,
+            f"{cfg.home.absolute()} is no control-plane home (it does not exist)",
+            "create one with `edge-deploy init` (or `edge-deploy pki init`), or pass --home / set "
+            "EDGE_DEPLOY_HOME to an existing one",
+        )
+    return ControlPlane(cfg)
 
 
 def fail(err: dict[str, str]) -> None:
