@@ -27,7 +27,9 @@ ENV_PREFIX = "EDGE_DEPLOY_"
 @dataclass
 class BrokerConfig:
     host: str = "127.0.0.1"
+    #: the operator listener (`edge-deploy broker config`); device_port is the devices' listener
     port: int = 8883
+    device_port: int = 8883
     #: the broker's CA and the operator identity (its certificate's CN must be an operator in the ACL)
     ca: Path | None = None
     cert: Path | None = None
@@ -94,6 +96,20 @@ class ControlPlaneConfig:
         return self.artifacts.public_url or f"http://{self.serve.listen}/"
 
     def validate(self) -> None:
+        # [broker] is checked where the broker is used (validate_broker): the offline commands
+        # (model list, image build, ...) must keep working while it is being fixed.
+        host, sep, port = self.serve.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError("serve.listen", f"{self.serve.listen!r} is not HOST:PORT")
+        if not 0 < self.artifacts.url_expiry <= 7 * 24 * 3600:
+            raise ConfigError("artifacts.url_expiry", "must be between 1 s and 7 days")
+        url = self.registry.url
+        if url and not url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError("registry.url", "must be a postgresql:// URL, or empty for <home>/registry.db")
+        if self.serve.lease <= 0:
+            raise ConfigError("serve.lease", "must be a positive number of seconds")
+
+    def validate_broker(self) -> None:
         if not 0 < self.broker.port < 65536:
             raise ConfigError("broker.port", f"{self.broker.port} is not a TCP port")
         tls = [self.broker.ca, self.broker.cert, self.broker.key]
@@ -103,16 +119,6 @@ class ControlPlaneConfig:
             p = getattr(self.broker, name)
             if p is not None and not p.is_file():
                 raise ConfigError(f"broker.{name}", f"file {p} does not exist or is not readable")
-        host, sep, port = self.serve.listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or int(port) > 65535:
-            raise ConfigError("serve.listen", f"{self.serve.listen!r} is not HOST:PORT")
-        url = self.registry.url
-        if url and not url.startswith(("postgresql://", "postgres://")):
-            raise ConfigError("registry.url", "must be a postgresql:// URL, or empty for <home>/registry.db")
-        if self.serve.lease <= 0:
-            raise ConfigError("serve.lease", "must be a positive number of seconds")
-        if not 0 < self.artifacts.url_expiry <= 7 * 24 * 3600:
-            raise ConfigError("artifacts.url_expiry", "must be between 1 s and 7 days")
 
 
 def load(home: Path | None = None, env: Mapping[str, str] | None = None) -> ControlPlaneConfig:

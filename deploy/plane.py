@@ -79,6 +79,7 @@ class ControlPlane:
     def fleet(self) -> OperatorClient:
         """The operator's broker connection, with the devices' retained reports in the registry."""
         if self._op is None:
+            self.cfg.validate_broker()
             b = self.cfg.broker
             op = OperatorClient(
                 b.host, b.port, ca=b.ca, cert=b.cert, key=b.key, prefix=b.prefix,
@@ -265,6 +266,35 @@ class ControlPlane:
             plan_waves(len(ids), policy),
         )
         return dep_id
+
+    def plan_deployment(
+        self, image: Image, device_ids: Sequence[str], tags: Mapping[str, str], policy: Policy
+    ) -> dict[str, Any]:
+        """What create_deployment would do, writing and publishing nothing: the waves, and per device
+        the manifest's image (each is signed and published only when its wave starts)."""
+        self.devices()
+        ids = self.resolve_target(device_ids, tags)
+        waves, start = [], 0
+        for i, n in enumerate(plan_waves(len(ids), policy), 1):
+            waves.append({"wave": i, "devices": ids[start : start + n]})
+            start += n
+        manifests = [
+            {
+                "device": d,
+                "image": image.ref,
+                "sha256": image.sha256,
+                "size": image.size,
+                "artifact": image.artifact,
+            }
+            for d in ids
+        ]
+        return {
+            "dry_run": True,
+            "image": image.ref,
+            "policy": policy.as_dict(),
+            "waves": waves,
+            "manifests": manifests,
+        }
 
     def command(self, dep_id: str, cmd: str) -> dict[str, Any]:
         return command(self.registry, dep_id, cmd)

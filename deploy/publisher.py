@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import ssl
+import struct
 import threading
 import time
 import uuid
@@ -22,12 +23,34 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCodes
 
+from edge_core.errors import ControlPlaneError, ErrorCode
 from edge_core.log import get_logger
 from edge_core.retry import backoff_delays
 from edge_core.topics import DEFAULT_PREFIX, Topics
 
 log = get_logger("operator")
+
+
+class _Client(mqtt.Client):
+    """paho 1.6 parses the MQTT 5 reason code of a PUBACK and then drops it, so a publication the
+    broker refused (135 "Not authorized" from mosquitto's ACL) looks acknowledged. Keep it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: mid -> the reason code of a PUBACK that reported a failure (>= 0x80)
+        self.refused: dict[int, int] = {}
+
+    def _handle_pubackcomp(self, cmd: str) -> int:
+        packet: bytes = self._in_packet["packet"]  # type: ignore[attr-defined]
+        if cmd == "PUBACK" and len(packet) > 2 and packet[2] >= 0x80:
+            (mid,) = struct.unpack("!H", packet[:2])
+            self.refused[mid] = packet[2]
+        rc: int = super()._handle_pubackcomp(cmd)  # type: ignore[misc]
+        return rc
+
 
 StatusPredicate = Callable[[dict[str, Any]], bool]
 
@@ -49,7 +72,7 @@ class OperatorClient:
         #: an MQTT 5 shared subscription group for heartbeats (docs/scaling.md): each heartbeat goes
         #: to one member of the group, so replicas of `edge-deploy serve` store it once, not once each
         self.heartbeat_group = heartbeat_group
-        self._client = mqtt.Client(
+        self._client = _Client(
             client_id=client_id or f"operator-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
         )
         if ca and cert and key:
@@ -208,6 +231,16 @@ class OperatorClient:
                     )
                 self._cond.wait(left)
             self._acked -= set(mids)
+        refused = {d: self._client.refused.pop(m) for m, d in mids.items() if m in self._client.refused}
+        if refused:
+            dev, code = next(iter(sorted(refused.items())))
+            raise ControlPlaneError(
+                ErrorCode.BROKER_REFUSED,
+                f"the broker refused the manifest for {len(refused)} device(s), {dev} first: MQTT reason "
+                f"code {code} ({ReasonCodes(PacketTypes.PUBACK, identifier=code).getName()})",
+                "publish as the operator identity on the operator listener (check [broker] cert and port, "
+                "and the broker's operator ACL)",
+            )
 
     def report(self, device_id: str, kind: str = "status") -> dict[str, Any] | None:
         with self._cond:

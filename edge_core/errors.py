@@ -100,6 +100,11 @@ class ErrorCode(StrEnum):
     DEPLOYMENT_STATE_CONFLICT = "deployment_state_conflict"
     BROKER_UNREACHABLE = "broker_unreachable"
     REGISTRY_TOO_NEW = "registry_too_new"
+    BROKER_REFUSED = "broker_refused"
+    PKI_MISSING = "pki_missing"
+    ALREADY_EXISTS = "already_exists"
+    CSR_INVALID = "csr_invalid"
+    HOME_MISSING = "home_missing"
     # requests to the local scoring API (agent/serving/scoring.py): answered 4xx/5xx, never reported
     BAD_REQUEST = "bad_request"
     MALFORMED_JSON = "malformed_json"

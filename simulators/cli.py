@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent import __version__
 from deploy import config
 from deploy.plane import ControlPlane
 from deploy.registry import Image
@@ -227,6 +228,7 @@ def _wave_sizes(cp: ControlPlane, dep_id: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="edge-sim", description="Run real edge agents against a local broker")
+    p.add_argument("--version", action="version", version=f"edge-sim {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser(
         "demo", help="deploy, refuse a tampered manifest, update and roll back, on N local devices"

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import config
 from edge_core.errors import ConfigError
@@ -70,7 +72,13 @@ def test_agent_cli_reports_a_bad_config_and_exits_2(tmp_path: Path) -> None:
     r = run("agent.ops.cli", "run", "--config", str(p))
     assert r.returncode == 2
     assert "mqtt.port" in r.stderr and "expected an integer" in r.stderr
-    ok = run("agent.ops.cli", "check-config", "--config", str(write(tmp_path, BASE)))
+    good = write(tmp_path, BASE)
+    # check-config loads the trust keys as run does (wiring.validate_for_run): give it a real one
+    key = Ed25519PrivateKey.generate().public_key()
+    (tmp_path / "trusted.pub").write_bytes(
+        key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    ok = run("agent.ops.cli", "check-config", "--config", str(good))
     assert ok.returncode == 0 and json.loads(ok.stdout)["device_id"] == "dev-1"
 
 

@@ -52,8 +52,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.cmd == "doctor":
         return _doctor(args.config, args.json, args.timeout)
+    from agent.ops.wiring import validate_for_run
+
     try:
         cfg = config_mod.load(args.config)
+        if args.cmd in ("check-config", "run"):
+            validate_for_run(cfg)  # the same refusals in both: check-config promises run will start
     except ConfigError as exc:
         print(f"edge-agent: invalid configuration: {exc.message}", file=sys.stderr)
         if args.cmd == "status" and args.json:

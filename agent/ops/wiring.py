@@ -57,3 +57,35 @@ def load_trusted_keys(cfg: AgentConfig) -> dict[str, Ed25519PublicKey]:
             ) from None
         keys[mf.key_id(key)] = key
     return keys
+
+
+#: SQLite's page size for a new database, which is what the buffer's budget is planned with first
+NEW_DB_PAGE_SIZE = 4096
+
+
+def check_channel_package(cfg: AgentConfig) -> None:
+    """The IoT Hub SDK is an extra (``pip install 'edge-ml[iothub]'``): say so before anything starts."""
+    if cfg.transport == "iothub":
+        import importlib.util
+
+        if importlib.util.find_spec("azure.iot.device") is None:
+            raise ConfigError(
+                "transport",
+                '"iothub" needs the Azure IoT Hub SDK, which is not installed: '
+                "pip install 'edge-ml[iothub]' (systemd/install.sh does when the config says iothub)",
+            )
+
+
+def validate_for_run(cfg: AgentConfig) -> None:
+    """Every refusal ``edge-agent run`` makes from the config alone, before it opens anything.
+
+    ``run``, ``check-config`` and ``doctor`` all call this, so no config passes the two checks and
+    is then refused at start (a telemetry budget below the buffer's real minimum did, once).
+    """
+    from agent.telemetry.buffer import DEFAULT_BATCH_MAX
+    from agent.telemetry.buffer.budget import Limits, plan
+
+    tc = cfg.telemetry
+    plan(Limits(tc.buffer_budget_bytes, tc.max_record_bytes, DEFAULT_BATCH_MAX), NEW_DB_PAGE_SIZE)
+    load_trusted_keys(cfg)
+    check_channel_package(cfg)

@@ -11,11 +11,13 @@ module builds the parser from them and maps errors to exit codes.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from deploy.cli import deploy, device, image, keys, manifest, model, serve
+from deploy.cli import broker, completion, deploy, device, image, init, keys, manifest, model, pki, serve
 from deploy.cli._common import (
     EXIT_FAILED,
     EXIT_HELD,
@@ -51,6 +53,9 @@ class _Group(Protocol):
 
 #: The groups in the order `edge-deploy --help` lists them.
 GROUPS: dict[str, _Group] = {
+    "init": init,
+    "pki": pki,
+    "broker": broker,
     "keys": keys,
     "model": model,
     "image": image,
@@ -58,7 +63,15 @@ GROUPS: dict[str, _Group] = {
     "deploy": deploy,
     "serve": serve,
     "manifest": manifest,
+    "completion": completion,
 }
+
+
+def _version() -> str:
+    try:
+        return version("edge-ml")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 ok; 1 the operation failed (a rollout rolled back or was aborted); "
         "2 bad usage or input; 3 a rollout is paused or held, waiting for an operator; 4 broker unreachable",
     )
+    p.add_argument("--version", action="version", version=f"edge-deploy {_version()}")
     p.add_argument(
         "--home", type=Path, help="control-plane directory (default $EDGE_DEPLOY_HOME or ./.edge-deploy)"
     )
@@ -78,6 +92,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("edge-deploy: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `edge-deploy ... | head -1`: the reader left. Point stdout at /dev/null so that the
+        # interpreter's final flush does not raise again, and exit as a SIGPIPE'd process would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         return GROUPS[args.group].run(args)
@@ -88,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         fail({"code": str(ErrorCode.INVALID_ARGUMENT), "message": str(exc), "hint": "fix the input"})
         return EXIT_USAGE
     except (FileNotFoundError, PermissionError, FileExistsError, ValueError) as exc:
-        print(f"edge-deploy: {exc}", file=sys.stderr)
+        fail(
+            {"code": str(ErrorCode.INVALID_ARGUMENT), "message": str(exc), "hint": "check the path or value"}
+        )
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from deploy import config
@@ -26,8 +27,22 @@ def listing(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def home_of(args: argparse.Namespace) -> Path:
+    """The control plane's home as ``config.load`` resolves it (--home, $EDGE_DEPLOY_HOME, default)."""
+    return config.load(args.home).home
+
+
 def open_plane(args: argparse.Namespace) -> ControlPlane:
-    return ControlPlane(config.load(args.home))
+    cfg = config.load(args.home)
+    if not cfg.home.is_dir():
+        # Opening the registry would create one here, in whatever directory the command ran in.
+        raise ControlPlaneError(
+            ErrorCode.HOME_MISSING,
+            f"{cfg.home.absolute()} is no control-plane home (it does not exist)",
+            "create one with `edge-deploy init` (or `edge-deploy pki init`), or pass --home / set "
+            "EDGE_DEPLOY_HOME to an existing one",
+        )
+    return ControlPlane(cfg)
 
 
 def fail(err: dict[str, str]) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +49,11 @@ def add_parser(sub: Subparsers) -> None:
     )
     dc.add_argument(
         "--no-wait", action="store_true", help="create it and return; `edge-deploy serve` drives it"
+    )
+    dc.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (the devices of each wave, the manifests) and write or publish nothing",
     )
     dc.add_argument("--timeout", type=float, metavar="SECONDS", help="stop waiting after this long (exit 3)")
     _add_rollout_flags(dc)
@@ -184,6 +191,9 @@ def run(args: argparse.Namespace) -> int:
                     'write {"runtime": {...}, "data_collection": {...}} (docs/manifest.md)',
                 )
             query = parse_tags(args.tag_query.split(","), "tag query") if args.tag_query else {}
+            if args.dry_run:
+                out(args, cp.plan_deployment(image, args.device, query, _policy(args)))
+                return EXIT_OK
             dep_id = cp.create_deployment(image, args.device, query, _policy(args), sections)
             if args.no_wait:
                 out(args, cp.summary(dep_id))
@@ -213,10 +223,35 @@ def run(args: argparse.Namespace) -> int:
 def _drive(cp: ControlPlane, args: argparse.Namespace, dep_id: str) -> int:
     progress = ProgressLine()
 
+    last: list[tuple[Any, ...]] = []
+
     def on_step(dep: dict[str, Any]) -> None:
-        if not progress.tty:
-            return
         s = summary(cp.registry, dep_id)
+        if not progress.tty:
+            # A log or a pipe: one line per change (a JSON object with --json), never rewritten.
+            c = s["counts"]
+            key = (s["state"], s["wave"], s["phase"], tuple(sorted(c.items())))
+            if not last or last[-1] != key:
+                last[:] = [key]
+                event = {
+                    "event": "progress",
+                    "deployment": dep_id,
+                    "state": s["state"],
+                    "wave": s["wave"],
+                    "waves": s["waves"],
+                    "phase": s["phase"],
+                    "counts": c,
+                }
+                if getattr(args, "json", False):
+                    print(json.dumps(event, sort_keys=True), file=sys.stderr, flush=True)
+                else:
+                    print(
+                        f"{dep_id} {s['state']} wave {s['wave']}/{s['waves']} "
+                        + " ".join(f"{k} {v}" for k, v in sorted(c.items())),
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            return
         c = s["counts"]
         done = c.get("active", 0) + c.get("failed", 0) + c.get("reverted", 0) + c.get("revert_failed", 0)
         progress(

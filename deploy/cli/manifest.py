@@ -138,10 +138,24 @@ def run(args: argparse.Namespace) -> int:
         from deploy.publisher import OperatorClient
 
         host, _, port = args.broker.rpartition(":")
-        with OperatorClient(
-            host, int(port), ca=args.ca, cert=args.cert, key=args.key, prefix=args.prefix
-        ) as op:
-            op.publish_manifest(args.device, args.envelope.read_bytes().strip())
+        envelope = args.envelope.read_bytes().strip()
+        op = OperatorClient(host, int(port), ca=args.ca, cert=args.cert, key=args.key, prefix=args.prefix)
+        try:
+            op.connect(10.0)
+        except (OSError, TimeoutError) as exc:
+            raise ControlPlaneError(
+                ErrorCode.BROKER_UNREACHABLE,
+                f"cannot reach the broker at {args.broker}: {exc}",
+                "check --broker, --ca/--cert/--key and that the broker runs",
+            ) from None
+        try:
+            op.publish_manifest(args.device, envelope, timeout=10.0)
+        except TimeoutError as exc:
+            raise ControlPlaneError(
+                ErrorCode.BROKER_UNREACHABLE, str(exc), "check the broker and the network"
+            ) from None
+        finally:
+            op.close()
         print(json.dumps({"published": True, "device": args.device}))
         return 0
     raise AssertionError(args)  # pragma: no cover

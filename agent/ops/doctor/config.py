@@ -9,6 +9,7 @@ from pathlib import Path
 from agent import config as config_mod
 from agent.config import AgentConfig
 from agent.ops.doctor.report import Result
+from agent.ops.wiring import validate_for_run
 from edge_core.errors import ConfigError
 
 
@@ -20,6 +21,7 @@ def _env_name(field: str) -> str:
 def check_config(path: Path | None, env: Mapping[str, str]) -> tuple[AgentConfig | None, Result]:
     try:
         cfg = config_mod.load(path, env=env)
+        validate_for_run(cfg)  # what `edge-agent run` refuses at start, doctor fails
     except ConfigError as exc:
         if exc.field == "--config":
             hint = "give --config the agent's TOML config file and fix its TOML syntax"

@@ -42,6 +42,9 @@ from agent.telemetry.buffer.writer import Writer
 from edge_core.errors import BufferUnavailable, ConfigError
 from edge_core.log import get_logger
 
+#: records per write batch when the caller does not say
+DEFAULT_BATCH_MAX = 1000
+
 __all__ = [
     "DEFAULT_PRIORITIES",
     "MIB",
@@ -65,7 +68,7 @@ class Buffer:
         path: Path,
         *,
         budget_bytes: int,
-        batch_max: int = 1000,
+        batch_max: int = DEFAULT_BATCH_MAX,
         flush_interval_s: float = 0.2,
         queue_max: int = 100_000,
         queue_max_bytes: int = 64 * MIB,

@@ -106,11 +106,12 @@ def plan(limits: Limits, page_size: int) -> Sizing:
     file_cap = budget - shm - wal_max
     high = file_cap - txn_pages * ps
     if high < max(budget // 4, 2 * txn_pages * ps):
+        # Named as the agent's config names them: the operator fixes agent.toml, not this module.
         raise ConfigError(
-            "buffer.budget_bytes",
+            "telemetry.buffer_budget_bytes",
             f"{budget} bytes leave {max(high, 0)} for records after the WAL "
-            f"({wal_max}) and one transaction's headroom ({txn_pages * ps}); raise it, "
-            f"or lower max_record_bytes ({limits.max_record_bytes}) or batch_max ({limits.batch_max})",
+            f"({wal_max}) and one transaction's headroom ({txn_pages * ps}), less than a quarter; "
+            f"raise it, or lower telemetry.max_record_bytes ({limits.max_record_bytes})",
         )
     high_pages = high // ps
     return Sizing(

@@ -1,0 +1,67 @@
+"""``edge-deploy pki``: the fleet's certificate authority (deploy/ca.py has the layout)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from deploy import config, signer
+from deploy.ca import Pki
+from deploy.cli._common import EXIT_OK, home_of, out
+
+if TYPE_CHECKING:
+    from deploy.cli._common import Subparsers
+
+
+def add_parser(sub: Subparsers) -> None:
+    pk = sub.add_parser("pki", help="the fleet's certificate authority").add_subparsers(
+        dest="cmd", required=True
+    )
+    pi = pk.add_parser(
+        "init",
+        help="create the CA, the operator identity, the broker's certificate, an empty CRL and the "
+        "manifest signing key under HOME (refuses to replace them without --force)",
+    )
+    pi.add_argument(
+        "--broker-host",
+        action="append",
+        required=True,
+        metavar="HOST",
+        help="a name or address devices dial the broker by (repeatable; the first is the CN)",
+    )
+    pi.add_argument("--device-port", type=int, default=8883, help="the broker's device listener")
+    pi.add_argument("--operator-port", type=int, default=8884, help="the broker's operator listener")
+    pi.add_argument("--force", action="store_true", help="replace an existing CA (re-enroll every device)")
+
+
+def _broker_section(host: str, device_port: int, operator_port: int) -> str:
+    return (
+        "\n[broker]\n"
+        "# written by `edge-deploy pki init`: the operator listener and identity (docs/control-plane.md)\n"
+        f'host = "{host}"\nport = {operator_port}\ndevice_port = {device_port}\n'
+        'ca = "pki/ca.pem"\ncert = "pki/operator.pem"\nkey = "pki/operator.key"\n'
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    home: Path = home_of(args)
+    home.mkdir(parents=True, exist_ok=True)
+    doc = Pki.of_home(home).init(args.broker_host, force=args.force)
+    # The operator must reach the broker over loopback when it runs beside it; its certificate is
+    # issued for the --broker-host names, so the operator dials the first of them.
+    cfg_path = home / "config.toml"
+    text = cfg_path.read_text() if cfg_path.is_file() else "# edge-deploy control plane (docs/config.md)\n"
+    if "[broker]" in text:
+        doc["config"] = (
+            f"{cfg_path}: [broker] kept; point ca, cert and key at pki/ (see docs/control-plane.md)"
+        )
+    else:
+        cfg_path.write_text(text + _broker_section(args.broker_host[0], args.device_port, args.operator_port))
+        doc["config"] = f"{cfg_path}: [broker] written"
+    key = config.load(home).signing_key
+    if not key.is_file():
+        key_path, pub_path, kid = signer.create_keypair(key.parent, key.stem)
+        doc |= {"signing_key": str(key_path), "signing_pub": str(pub_path), "keyid": kid}
+    out(args, doc)
+    return EXIT_OK
