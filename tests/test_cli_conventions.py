@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from simulators.broker import Mosquitto, free_port
@@ -61,9 +60,12 @@ def test_ctrl_c_exits_130_without_traceback(tmp_path: Path) -> None:
             [sys.executable, "-m", "deploy.cli", "--home", str(tmp_path), "device", "list"],
             cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
-        time.sleep(2.0)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        # Interrupted once it waits on the broker (not while still importing, on a busy machine).
+        silent.settimeout(60)
+        conn, _ = silent.accept()
+        with conn:
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert b"Traceback" not in err
 
@@ -117,8 +119,8 @@ def test_publish_reports_a_refusal_and_an_unreachable_broker(tmp_path: Path) -> 
         op = broker.client_cert("operator")
         ok = run(
             "deploy.cli", "manifest", "publish", str(envelope), "--device", "dev-2",
-            "--broker", f"localhost:{broker.port}", "--ca", str(op.ca_path), "--cert", str(op.cert_path),
-            "--key", str(op.key_path), cwd=tmp_path,
+            "--broker", f"localhost:{broker.operator_port}", "--ca", str(op.ca_path),
+            "--cert", str(op.cert_path), "--key", str(op.key_path), cwd=tmp_path,
         )  # fmt: skip
         assert ok.returncode == 0 and '"published": true' in ok.stdout, ok
     p = run(

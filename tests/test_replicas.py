@@ -112,7 +112,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
             shutil.copytree(keys, h / "keys")
             (h / "config.toml").write_text(
                 to_toml({
-                    "broker": {"host": broker.host, "port": broker.port, "ca": str(cert.ca_path),
+                    "broker": {"host": broker.host, "port": broker.operator_port, "ca": str(cert.ca_path),
                                "cert": str(cert.cert_path), "key": str(cert.key_path),
                                "prefix": broker.prefix},
                     "artifacts": {"url": str(artifacts), "public_url": server.url + "/"},
