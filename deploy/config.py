@@ -54,12 +54,32 @@ class ServeConfig:
 
 
 @dataclass
+class ApiConfig:
+    """The operators' JSON API and dashboard of `edge-deploy serve` (deploy/web/), on a listener of
+    its own: the artifact endpoint is for devices, this one for people and scripts."""
+
+    #: HOST:PORT, or "" for no API
+    listen: str = "127.0.0.1:8701"
+    #: the operator bearer token (relative to home); `serve` creates it (mode 0600) when absent
+    token_file: Path = Path("api.token")
+    #: whether requests need the token (false: mutual TLS alone authenticates)
+    require_token: bool = True
+    #: HTTPS: the server's certificate and key; with client_ca, clients need a certificate from it
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+    #: listen off loopback with neither a token nor mutual TLS (an open API: for a trusted network only)
+    allow_open: bool = False
+
+
+@dataclass
 class ControlPlaneConfig:
     home: Path = Path(".edge-deploy")
     signing_key: Path = Path("keys/signing.key")
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
 
     @property
     def registry_path(self) -> Path:
@@ -89,6 +109,10 @@ class ControlPlaneConfig:
         host, sep, port = self.serve.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError("serve.listen", f"{self.serve.listen!r} is not HOST:PORT")
+        if (self.api.cert is None) != (self.api.key is None):
+            raise ConfigError("api", "cert and key go together; set both or neither")
+        if self.api.client_ca is not None and self.api.cert is None:
+            raise ConfigError("api.client_ca", "mutual TLS needs the server's cert and key too")
         if not 0 < self.artifacts.url_expiry <= 7 * 24 * 3600:
             raise ConfigError("artifacts.url_expiry", "must be between 1 s and 7 days")
 
@@ -115,5 +139,10 @@ def load(home: Path | None = None, env: Mapping[str, str] | None = None) -> Cont
         p = getattr(cfg.broker, name)
         if p is not None:
             setattr(cfg.broker, name, home / p)
+    cfg.api.token_file = home / cfg.api.token_file
+    for name in ("cert", "key", "client_ca"):
+        p = getattr(cfg.api, name)
+        if p is not None:
+            setattr(cfg.api, name, home / p)
     cfg.validate()
     return cfg

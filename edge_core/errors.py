@@ -100,6 +100,9 @@ class ErrorCode(StrEnum):
     DEPLOYMENT_STATE_CONFLICT = "deployment_state_conflict"
     BROKER_UNREACHABLE = "broker_unreachable"
     REGISTRY_TOO_NEW = "registry_too_new"
+    # the control plane's HTTP API (deploy/web/)
+    UNAUTHORIZED = "unauthorized"
+    NO_SUCH_ROUTE = "no_such_route"
     # requests to the local scoring API (agent/serving/scoring.py): answered 4xx/5xx, never reported
     BAD_REQUEST = "bad_request"
     MALFORMED_JSON = "malformed_json"

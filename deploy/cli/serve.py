@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 def add_parser(sub: Subparsers) -> None:
     sv = sub.add_parser("serve", help="serve the local artifact store over HTTP and drive every live rollout")
     sv.add_argument("--listen", help="HOST:PORT (default serve.listen)")
+    sv.add_argument("--api-listen", help="HOST:PORT of the API and dashboard (default api.listen; '' for none)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,17 +26,27 @@ def run(args: argparse.Namespace) -> int:
     and every live deployment driven (pause/resume/abort/rollback from other processes included)."""
     # Imported here: the HTTP server is needed by this one long-running command only.
     from deploy.artifact_server import ArtifactServer
+    from deploy.web import ApiServer
 
     with open_plane(args) as cp:
         listen = args.listen or cp.cfg.serve.listen
         host, _, port = listen.rpartition(":")
         root = cp.artifacts.root
         server = ArtifactServer(root, host=host, port=int(port), keep_requests=1000).start() if root else None
+        api_listen = cp.cfg.api.listen if args.api_listen is None else args.api_listen
+        api = ApiServer.from_config(cp.cfg, api_listen).start() if api_listen else None
         driver = cp.driver()
         # One identity per host and home: a serve restarted after a crash takes its own lease back at once.
         driver.owner = f"serve@{socket.gethostname()}:{cp.cfg.home.absolute()}"
         print(
-            json.dumps({"serving": server.url if server else None, "registry": str(cp.cfg.registry_path)}),
+            json.dumps(
+                {
+                    "serving": server.url if server else None,
+                    "registry": str(cp.cfg.registry_path),
+                    "dashboard": api.url if api else None,
+                    "token_file": str(cp.cfg.api.token_file) if api and api.token else None,
+                }
+            ),
             flush=True,
         )
         try:
@@ -47,5 +58,7 @@ def run(args: argparse.Namespace) -> int:
                         driver.step_or_wait(dep["id"])
                 time.sleep(cp.cfg.serve.poll)
         finally:
+            if api is not None:
+                api.stop()
             if server is not None:
                 server.stop()
