@@ -18,7 +18,9 @@ if TYPE_CHECKING:
 def add_parser(sub: Subparsers) -> None:
     sv = sub.add_parser("serve", help="serve the local artifact store over HTTP and drive every live rollout")
     sv.add_argument("--listen", help="HOST:PORT (default serve.listen)")
-    sv.add_argument("--api-listen", help="HOST:PORT of the API and dashboard (default api.listen; '' for none)")
+    sv.add_argument(
+        "--api-listen", help="HOST:PORT of the API and dashboard (default api.listen; '' for none)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

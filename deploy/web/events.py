@@ -88,7 +88,9 @@ def _end(q: queue.Queue[Event | None]) -> None:
 
 def _device_key(d: dict[str, Any]) -> str:
     keys = ("online", "state", "image", "generation", "deployment_id", "tags")
-    return json.dumps([d.get(k) for k in keys] + [(d["status"] or {}).get("error")], sort_keys=True, default=str)
+    return json.dumps(
+        [d.get(k) for k in keys] + [(d["status"] or {}).get("error")], sort_keys=True, default=str
+    )
 
 
 def _deployment_key(s: dict[str, Any], n_events: int) -> str:
@@ -122,7 +124,7 @@ class Watcher:
             while not self._stop.is_set():
                 try:
                     self.scan(cp)
-                except Exception as exc:  # noqa: BLE001 - a failed scan (a locked file) is retried, never fatal
+                except Exception as exc:  # a failed scan (a locked file) is retried, never fatal
                     self.hub.publish("error", {"message": f"{type(exc).__name__}: {exc}"})
                 self._stop.wait(self.interval)
 
@@ -138,13 +140,17 @@ class Watcher:
         for dep in reg.deployments():
             seen = self._deployments.get(dep["id"])
             # finished deployments whose row did not change are skipped: their summary cannot move
-            if seen is not None and dep["state"] not in LIVE_STATES and not dep["command"] and seen[0] == dep["updated_at"]:
+            if (
+                seen is not None
+                and dep["state"] not in LIVE_STATES
+                and not dep["command"]
+                and seen[0] == dep["updated_at"]
+            ):
                 continue
             s = summary(reg, dep["id"])
             events = reg.events(dep["id"])
             key = _deployment_key(s, len(events))
             self._deployments[dep["id"]] = (dep["updated_at"], key)
-            if seen is None or seen[1] != key:
-                if self._primed:
-                    self.hub.publish("deployment", {**s, "events": events})
+            if (seen is None or seen[1] != key) and self._primed:
+                self.hub.publish("deployment", {**s, "events": events})
         self._primed = True

@@ -106,7 +106,9 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     is the request-weighted mean of the windows' p99s (docs/control-plane.md)."""
     req = sum(int(r["requests"]) for r in rows)
     err = sum(int(r["errors"]) for r in rows)
-    weighted = [(float(r["p99_ms"]), int(r["requests"])) for r in rows if r["p99_ms"] is not None and r["requests"]]
+    weighted = [
+        (float(r["p99_ms"]), int(r["requests"])) for r in rows if r["p99_ms"] is not None and r["requests"]
+    ]
     total = sum(n for _, n in weighted)
     return {
         "requests": req,
@@ -149,7 +151,10 @@ def list_models(cp: ControlPlane, rq: Request) -> Any:
     models = cp.registry.models(
         name=rq.arg("name"), version=_version(version, "model") if version else None, tags=_tags(rq)
     )
-    return [{**m.as_dict(), "images": [i.ref for i in cp.registry.images(model=(m.name, m.version))]} for m in models]
+    return [
+        {**m.as_dict(), "images": [i.ref for i in cp.registry.images(model=(m.name, m.version))]}
+        for m in models
+    ]
 
 
 def show_model(cp: ControlPlane, rq: Request) -> Any:
@@ -288,7 +293,10 @@ def metrics(cp: ControlPlane, rq: Request) -> Any:
         "step": step,
         "now": t,
         "series": [
-            {"image": label, "points": [{"t": k * step, **aggregate(rows)} for k, rows in sorted(by_t.items())]}
+            {
+                "image": label,
+                "points": [{"t": k * step, **aggregate(rows)} for k, rows in sorted(by_t.items())],
+            }
             for label, by_t in sorted(buckets.items())
         ],
     }
@@ -298,53 +306,142 @@ _TAG_Q = Param("tag", "KEY=VALUE; every one must match", repeat=True)
 _OBJ = {"type": "object"}
 
 ROUTES: tuple[Route, ...] = (
-    Route("GET", "/api/models", "listModels", "registered models, each with the images built from it", "registry",
-          list_models, (Param("name", "model name"), Param("version", "model version"), _TAG_Q)),
+    Route(
+        "GET",
+        "/api/models",
+        "listModels",
+        "registered models, each with the images built from it",
+        "registry",
+        list_models,
+        (Param("name", "model name"), Param("version", "model version"), _TAG_Q),
+    ),
     Route("GET", "/api/models/{name}/{version}", "showModel", "one model version", "registry", show_model),
-    Route("GET", "/api/images", "listImages", "images, each with its deployments and the devices running it",
-          "registry", list_images, (Param("name", "image name"), Param("model", "NAME[:VERSION]"), _TAG_Q)),
+    Route(
+        "GET",
+        "/api/images",
+        "listImages",
+        "images, each with its deployments and the devices running it",
+        "registry",
+        list_images,
+        (Param("name", "image name"), Param("model", "NAME[:VERSION]"), _TAG_Q),
+    ),
     Route("GET", "/api/images/{name}/{version}", "showImage", "one image version", "registry", show_image),
-    Route("GET", "/api/devices", "listDevices", "the fleet, with recent p99 and error rate", "devices",
-          list_devices, (_TAG_Q,)),
-    Route("GET", "/api/devices/{device_id}", "showDevice", "a device, its status document and history",
-          "devices", show_device),
-    Route("POST", "/api/devices/{device_id}/tags", "tagDevice", "set and remove a device's tags", "devices",
-          tag_device, body={"type": "object", "additionalProperties": False, "properties": {
-              "set": {"type": "object", "additionalProperties": {"type": "string"}},
-              "remove": {"type": "array", "items": {"type": "string"}}}}),
-    Route("GET", "/api/deployments", "listDeployments", "deployments and their progress", "deployments",
-          list_deployments, (Param("image", "NAME[:VERSION]"), Param("model", "NAME[:VERSION]"),
-                             Param("device", "device id"), Param("state", "deployment state"))),
-    Route("POST", "/api/deployments", "createDeployment", "create a deployment; `serve` rolls it out",
-          "deployments", create_deployment, body={
-              "type": "object", "required": ["image"], "additionalProperties": False, "properties": {
-                  "image": {"type": "string"}, "devices": {"type": "array", "items": {"type": "string"}},
-                  "tag_query": {"type": "object", "additionalProperties": {"type": "string"}},
-                  "policy": _OBJ, "sections": _OBJ}}),
-    Route("GET", "/api/deployments/{deployment_id}", "showDeployment", "a deployment, its devices and history",
-          "deployments", show_deployment),
-    Route("POST", "/api/deployments/{deployment_id}/{command}", "commandDeployment",
-          "pause, resume, abort or rollback (recorded; `serve` carries it out)", "deployments",
-          command_deployment),
-    Route("GET", "/api/metrics", "metrics", "p99 and error rate per image over time", "devices", metrics,
-          (Param("window", "seconds back (default 900)"), Param("step", "bucket seconds (default 15)"))),
-    Route("GET", "/api/events", "events", "server-sent events: deployment and device changes", "events", None,
-          produces="text/event-stream"),
+    Route(
+        "GET",
+        "/api/devices",
+        "listDevices",
+        "the fleet, with recent p99 and error rate",
+        "devices",
+        list_devices,
+        (_TAG_Q,),
+    ),
+    Route(
+        "GET",
+        "/api/devices/{device_id}",
+        "showDevice",
+        "a device, its status document and history",
+        "devices",
+        show_device,
+    ),
+    Route(
+        "POST",
+        "/api/devices/{device_id}/tags",
+        "tagDevice",
+        "set and remove a device's tags",
+        "devices",
+        tag_device,
+        body={
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "set": {"type": "object", "additionalProperties": {"type": "string"}},
+                "remove": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+    ),
+    Route(
+        "GET",
+        "/api/deployments",
+        "listDeployments",
+        "deployments and their progress",
+        "deployments",
+        list_deployments,
+        (
+            Param("image", "NAME[:VERSION]"),
+            Param("model", "NAME[:VERSION]"),
+            Param("device", "device id"),
+            Param("state", "deployment state"),
+        ),
+    ),
+    Route(
+        "POST",
+        "/api/deployments",
+        "createDeployment",
+        "create a deployment; `serve` rolls it out",
+        "deployments",
+        create_deployment,
+        body={
+            "type": "object",
+            "required": ["image"],
+            "additionalProperties": False,
+            "properties": {
+                "image": {"type": "string"},
+                "devices": {"type": "array", "items": {"type": "string"}},
+                "tag_query": {"type": "object", "additionalProperties": {"type": "string"}},
+                "policy": _OBJ,
+                "sections": _OBJ,
+            },
+        },
+    ),
+    Route(
+        "GET",
+        "/api/deployments/{deployment_id}",
+        "showDeployment",
+        "a deployment, its devices and history",
+        "deployments",
+        show_deployment,
+    ),
+    Route(
+        "POST",
+        "/api/deployments/{deployment_id}/{command}",
+        "commandDeployment",
+        "pause, resume, abort or rollback (recorded; `serve` carries it out)",
+        "deployments",
+        command_deployment,
+    ),
+    Route(
+        "GET",
+        "/api/metrics",
+        "metrics",
+        "p99 and error rate per image over time",
+        "devices",
+        metrics,
+        (Param("window", "seconds back (default 900)"), Param("step", "bucket seconds (default 15)")),
+    ),
+    Route(
+        "GET",
+        "/api/events",
+        "events",
+        "server-sent events: deployment and device changes",
+        "events",
+        None,
+        produces="text/event-stream",
+    ),
     Route("GET", "/api/openapi.json", "openapi", "this document", "meta", None),
-)  # fmt: skip
+)
 
 
-def find(method: str, path: str) -> tuple[Route, dict[str, str]] | None | bool:
-    """The route and its path parameters; False when the path exists under another method."""
-    other = False
+def find(method: str, path: str) -> tuple[Route, dict[str, str]] | None:
+    """The route and its path parameters."""
     for r in ROUTES:
         params = r.match(path)
-        if params is None:
-            continue
-        if r.method == method:
+        if params is not None and r.method == method:
             return r, params
-        other = True
-    return False if other else None
+    return None
+
+
+def path_exists(path: str) -> bool:
+    return any(r.match(path) is not None for r in ROUTES)
 
 
 _ERROR = {
@@ -353,7 +450,11 @@ _ERROR = {
     "properties": {
         "error": {
             "type": "object",
-            "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "hint": {"type": "string"}},
+            "properties": {
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                "hint": {"type": "string"},
+            },
         }
     },
 }

@@ -159,9 +159,9 @@ class ApiHandler(BaseHTTPRequestHandler):
                 self._send(200, _static(name), ctype)
                 return
             found = routes.find(method, path)
-            if not found:
+            if found is None:
                 code = ErrorCode.NO_SUCH_ROUTE
-                if found is False:
+                if routes.path_exists(path):
                     raise _Refused(405, code, f"{path} takes no {method}", "see /api/openapi.json")
                 raise _Refused(404, code, f"no route {path}", "see /api/openapi.json")
             self._authenticate()
@@ -183,8 +183,10 @@ class ApiHandler(BaseHTTPRequestHandler):
             self._json(_STATUS.get(exc.code, 400), {"error": exc.as_dict()})
         except (BrokenPipeError, ConnectionResetError):
             pass
-        except Exception as exc:  # noqa: BLE001 - a bug answers 500 with a code, and the server lives on
-            self._json(500, {"error": {"code": str(ErrorCode.INTERNAL_ERROR), "message": repr(exc), "hint": ""}})
+        except Exception as exc:  # a bug answers 500 with a code, and the server lives on
+            self._json(
+                500, {"error": {"code": str(ErrorCode.INTERNAL_ERROR), "message": repr(exc), "hint": ""}}
+            )
 
     def _authenticate(self) -> None:
         token = self.server.owner.token
@@ -205,12 +207,16 @@ class ApiHandler(BaseHTTPRequestHandler):
         except ValueError:
             length = -1
         if not 0 <= length <= MAX_BODY:
-            raise _Refused(400, ErrorCode.BAD_REQUEST, f"a body of {MAX_BODY} bytes at most, with Content-Length")
+            raise _Refused(
+                400, ErrorCode.BAD_REQUEST, f"a body of {MAX_BODY} bytes at most, with Content-Length"
+            )
         raw = self.rfile.read(length)
         try:
             return json.loads(raw) if raw.strip() else {}
         except ValueError as exc:
-            raise _Refused(400, ErrorCode.MALFORMED_JSON, f"the body is not JSON: {exc}", "send a JSON object") from None
+            raise _Refused(
+                400, ErrorCode.MALFORMED_JSON, f"the body is not JSON: {exc}", "send a JSON object"
+            ) from None
 
     def _stream(self) -> None:
         hub = self.server.owner.hub
@@ -283,7 +289,9 @@ class ApiServer:
         server.server_activate()
         if self.tls is not None:
             # the handshake runs in the connection's thread: a slow client cannot stall the accept loop
-            server.socket = self.tls.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+            server.socket = self.tls.wrap_socket(
+                server.socket, server_side=True, do_handshake_on_connect=False
+            )
         self.watcher.start()
         thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="api-server", daemon=True
@@ -312,4 +320,3 @@ class ApiServer:
         scheme = "https" if self.tls is not None else "http"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{scheme}://{host}:{self.port}/"
-
