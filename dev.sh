@@ -11,6 +11,9 @@ cd "$(dirname "$0")"
 
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+# the dashboard's browser tests (tests/test_dashboard.py): headless chromium driven by selenium
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+[ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
 # systemd-analyze verifies the unit in the tests (no running systemd needed)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 PY=""

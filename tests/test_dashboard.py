@@ -107,8 +107,10 @@ listen = "127.0.0.1:{api_port}"
         log = open(home / "serve.log", "ab")  # noqa: SIM115 - open for the process's whole life
         proc = subprocess.Popen(
             [sys.executable, "-m", "deploy.cli", "--home", str(home), "serve"],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
         try:
             api = f"http://127.0.0.1:{api_port}/"
             assert wait_until(lambda: (home / "api.token").exists(), 20)
@@ -123,8 +125,10 @@ listen = "127.0.0.1:{api_port}"
 
             assert wait_until(up, 20, 0.2), (home / "serve.log").read_text()
             # everything on clf:1 first, driven by serve, so that a later rollback has somewhere to go
-            dep = f.http.post("/api/deployments", json={"image": "clf:1", "tag_query": {"fleet": "edge"},
-                                                        "policy": {"canary": 3}}).json()  # fmt: skip
+            dep = f.http.post(
+                "/api/deployments",
+                json={"image": "clf:1", "tag_query": {"fleet": "edge"}, "policy": {"canary": 3}},
+            ).json()
             assert wait_until(
                 lambda: f.http.get(f"/api/deployments/{dep['id']}").json()["state"] == "succeeded", 90
             )
@@ -227,8 +231,10 @@ def test_a_rollout_is_followed_live_to_its_end(fleet: Fleet, browser: Any) -> No
     from selenium.webdriver.common.by import By
 
     browser.execute_script("window.__sameDocument = 'yes'")  # gone if the page reloads
-    dep = fleet.http.post("/api/deployments", json={"image": "clf:2", "tag_query": {"fleet": "edge"},
-                                                    "policy": {"canary": 1, "growth": 2}}).json()  # fmt: skip
+    dep = fleet.http.post(
+        "/api/deployments",
+        json={"image": "clf:2", "tag_query": {"fleet": "edge"}, "policy": {"canary": 1, "growth": 2}},
+    ).json()
     row = f"#deployments tr[data-deployment='{dep['id']}']"
     # the new deployment reaches the page by the event stream; select it
     assert wait_until(lambda: bool(browser.find_elements(By.CSS_SELECTOR, row)), 10)

@@ -76,12 +76,26 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     t = time.time()
     reg.add_heartbeats(
         [
-            ("dev-a", t - 20, {"models": {"clf": {"model": "clf", "version": "1", "requests": 100, "errors": 0,
-                                                  "p99_ms": 10.0}}}),
-            ("dev-a", t - 5, {"models": {"clf": {"model": "clf", "version": "1", "requests": 300, "errors": 4,
-                                                 "p99_ms": 20.0}}}),
+            (
+                "dev-a",
+                t - 20,
+                {
+                    "models": {
+                        "clf": {"model": "clf", "version": "1", "requests": 100, "errors": 0, "p99_ms": 10.0}
+                    }
+                },
+            ),
+            (
+                "dev-a",
+                t - 5,
+                {
+                    "models": {
+                        "clf": {"model": "clf", "version": "1", "requests": 300, "errors": 4, "p99_ms": 20.0}
+                    }
+                },
+            ),
         ]
-    )  # fmt: skip
+    )
     reg.close()
     cfg = config.load(home)
     server = ApiServer.from_config(cfg, "127.0.0.1:0").start()
@@ -115,7 +129,7 @@ def test_off_loopback_needs_a_token_or_mutual_tls_unless_allowed() -> None:
     open_api = ApiConfig(require_token=False)
     check_exposure(open_api, "127.0.0.1")  # loopback: fine
     check_exposure(ApiConfig(), "0.0.0.0")  # the token: fine
-    with pytest.raises(ConfigError, match="api.listen"):
+    with pytest.raises(ConfigError, match=r"api\.listen"):
         check_exposure(open_api, "0.0.0.0")
     with pytest.raises(ConfigError):
         check_exposure(open_api, "192.168.1.10")
@@ -140,7 +154,9 @@ def test_openapi_document_and_route_table_agree(api: Api) -> None:
             with api.http.stream("GET", path) as r:
                 assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream"
             continue
-        body = {"set": {}} if path.endswith("/tags") else {"image": "nope:1", "devices": ["dev-a"]}
+        body: dict[str, Any] = (
+            {"set": {}} if path.endswith("/tags") else {"image": "nope:1", "devices": ["dev-a"]}
+        )
         r = api.http.request(method, path, json=body if method == "POST" else None)
         assert r.status_code != 404 or r.json()["error"]["code"] != "no_such_route", (method, path)
     api.ok("POST", f"/api/deployments/{dep['id']}/abort")
@@ -176,8 +192,15 @@ def test_write_endpoints_tag_create_and_commands(api: Api) -> None:
     row = api.ok("POST", "/api/devices/dev-b/tags", {"remove": ["site"]})
     assert row["tags"] == {"ring": "canary"}
 
-    dep = api.ok("POST", "/api/deployments", {"image": "clf:2", "tag_query": {"ring": "canary"},
-                                              "policy": {"canary": 1, "gate": {"min_requests": 5}}})  # fmt: skip
+    dep = api.ok(
+        "POST",
+        "/api/deployments",
+        {
+            "image": "clf:2",
+            "tag_query": {"ring": "canary"},
+            "policy": {"canary": 1, "gate": {"min_requests": 5}},
+        },
+    )
     assert (dep["state"], dep["devices"], dep["image"]) == ("running", 1, "clf:2")
     assert dep["target"] == {"tags": {"ring": "canary"}} and dep["policy"]["gate"]["min_requests"] == 5
     assert api.ok("GET", f"/api/deployments/{dep['id']}")["members"][0]["device_id"] == "dev-b"
@@ -209,21 +232,42 @@ def test_bad_input_gets_coded_errors_and_changes_nothing(api: Api) -> None:
     before = api.ok("GET", "/api/deployments")
     api.refused(404, "no_such_route", "GET", "/api/nothing")
     api.refused(405, "no_such_route", "DELETE", "/api/devices")
-    api.refused(400, "malformed_json", "POST", "/api/deployments", content=b"{not json",
-                headers={"Content-Type": "application/json"})  # fmt: skip
+    api.refused(
+        400,
+        "malformed_json",
+        "POST",
+        "/api/deployments",
+        content=b"{not json",
+        headers={"Content-Type": "application/json"},
+    )
     api.refused(
         404, "image_not_found", "POST", "/api/deployments", json={"image": "nope:1", "devices": ["dev-a"]}
     )
     api.refused(
         404, "device_not_found", "POST", "/api/deployments", json={"image": "clf:1", "devices": ["ghost"]}
     )
-    api.refused(400, "no_matching_devices", "POST", "/api/deployments",
-                json={"image": "clf:1", "tag_query": {"ring": "none"}})  # fmt: skip
+    api.refused(
+        400,
+        "no_matching_devices",
+        "POST",
+        "/api/deployments",
+        json={"image": "clf:1", "tag_query": {"ring": "none"}},
+    )
     api.refused(400, "invalid_argument", "POST", "/api/deployments", json={"image": "clf:1"})
-    api.refused(400, "invalid_argument", "POST", "/api/deployments", json={"image": "clf:1", "devices": ["dev-a"],
-                                                                            "policy": {"canary": 0}})  # fmt: skip
-    api.refused(400, "invalid_argument", "POST", "/api/deployments", json={"image": "clf:1", "devices": ["dev-a"],
-                                                                            "policy": {"no_such": 1}})  # fmt: skip
+    api.refused(
+        400,
+        "invalid_argument",
+        "POST",
+        "/api/deployments",
+        json={"image": "clf:1", "devices": ["dev-a"], "policy": {"canary": 0}},
+    )
+    api.refused(
+        400,
+        "invalid_argument",
+        "POST",
+        "/api/deployments",
+        json={"image": "clf:1", "devices": ["dev-a"], "policy": {"no_such": 1}},
+    )
     api.refused(400, "invalid_argument", "POST", "/api/deployments", json={"image": 5})
     api.refused(
         400, "invalid_argument", "POST", "/api/deployments", json={"image": "clf:x", "devices": ["dev-a"]}
