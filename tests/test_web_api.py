@@ -291,6 +291,12 @@ def test_bad_input_gets_coded_errors_and_changes_nothing(api: Api) -> None:
 def test_the_event_stream_carries_device_and_deployment_changes(api: Api) -> None:
     got: list[tuple[str, Any]] = []
     ready = threading.Event()
+    mine: dict[str, str] = {}
+
+    def seen_both() -> bool:
+        device = any(k == "device" and d["id"] == "dev-c" and d["state"] == "updating" for k, d in got)
+        dep = any(k == "deployment" and d["id"] == mine.get("id") for k, d in got)
+        return device and dep
 
     def read() -> None:
         with api.http.stream("GET", "/api/events", timeout=15) as r:
@@ -302,7 +308,7 @@ def test_the_event_stream_carries_device_and_deployment_changes(api: Api) -> Non
                         ready.set()
                 elif line.startswith("data: ") and kind != "hello":
                     got.append((kind, json.loads(line[6:])))
-                    if {k for k, _ in got} >= {"device", "deployment"}:
+                    if seen_both():
                         return
 
     t = threading.Thread(target=read, daemon=True)
@@ -315,11 +321,11 @@ def test_the_event_stream_carries_device_and_deployment_changes(api: Api) -> Non
     finally:
         reg.close()
     dep = api.ok("POST", "/api/deployments", {"image": "clf:2", "devices": ["dev-a"]})
+    mine["id"] = dep["id"]
     t.join(15)
-    devices = [d for k, d in got if k == "device"]
-    deps = [d for k, d in got if k == "deployment"]
-    assert any(d["id"] == "dev-c" and d["state"] == "updating" and d["image"] == "clf:2" for d in devices), (
-        got
-    )
-    assert any(d["id"] == dep["id"] and d["state"] == "running" and "events" in d for d in deps), got
+    assert seen_both(), got
+    devices = [d for k, d in got if k == "device" and d["id"] == "dev-c"]
+    assert devices[-1]["image"] == "clf:2" and devices[-1]["generation"] == 7, devices
+    deps = [d for k, d in got if k == "deployment" and d["id"] == dep["id"]]
+    assert deps[0]["state"] == "running" and deps[0]["events"][0]["kind"], deps
     api.ok("POST", f"/api/deployments/{dep['id']}/abort")
