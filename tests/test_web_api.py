@@ -329,3 +329,30 @@ def test_the_event_stream_carries_device_and_deployment_changes(api: Api) -> Non
     deps = [d for k, d in got if k == "deployment" and d["id"] == dep["id"]]
     assert deps[0]["state"] == "running" and deps[0]["events"][0]["kind"], deps
     api.ok("POST", f"/api/deployments/{dep['id']}/abort")
+
+
+def test_the_cli_and_the_api_read_the_same_registry_alike(
+    api: Api, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The read paths of the command line and of the API agree, field for field where they share one."""
+
+    def cli_json(*argv: str) -> Any:
+        capsys.readouterr()
+        assert cli.main(["--home", str(api.home), *argv, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    by_cli = cli_json("model", "list")
+    by_api = api.ok("GET", "/api/models")
+    assert [{k: m[k] for k in by_cli[0]} for m in by_api] == by_cli
+    images = cli_json("image", "list", "--model", "mlp:1")
+    assert [{k: i[k] for k in images[0]} for i in api.ok("GET", "/api/images?model=mlp:1")] == images
+    devices = cli_json("device", "list", "--offline")
+    keys = ("id", "tags", "online", "state", "image", "generation", "status")
+    assert [{k: d[k] for k in keys} for d in api.ok("GET", "/api/devices")] == [
+        {k: d[k] for k in keys} for d in devices
+    ]
+    deps = cli_json("deploy", "list")
+    listed = [{k: v for k, v in d.items() if k != "members"} for d in api.ok("GET", "/api/deployments")]
+    assert listed == deps
+    one = deps[0]["id"]
+    assert api.ok("GET", f"/api/deployments/{one}") == cli_json("deploy", "show", one)
