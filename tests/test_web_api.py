@@ -356,3 +356,13 @@ def test_the_cli_and_the_api_read_the_same_registry_alike(
     assert listed == deps
     one = deps[0]["id"]
     assert api.ok("GET", f"/api/deployments/{one}") == cli_json("deploy", "show", one)
+
+
+def test_serve_goes_on_without_the_api_when_its_port_is_taken(
+    api: Api, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deploy.web import start_api
+
+    taken = f"127.0.0.1:{api.server.port}"
+    assert start_api(config.load(api.home), taken) is None
+    assert "cannot listen on" in capsys.readouterr().err

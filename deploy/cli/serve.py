@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     and every live deployment driven (pause/resume/abort/rollback from other processes included)."""
     # Imported here: the HTTP server is needed by this one long-running command only.
     from deploy.artifact_server import ArtifactServer
-    from deploy.web import ApiServer
+    from deploy.web import start_api
 
     with open_plane(args) as cp:
         listen = args.listen or cp.cfg.serve.listen
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         root = cp.artifacts.root
         server = ArtifactServer(root, host=host, port=int(port), keep_requests=1000).start() if root else None
         api_listen = cp.cfg.api.listen if args.api_listen is None else args.api_listen
-        api = ApiServer.from_config(cp.cfg, api_listen).start() if api_listen else None
+        api = start_api(cp.cfg, api_listen) if api_listen else None
         driver = cp.driver()
         # One identity per host and home: a serve restarted after a crash takes its own lease back at once.
         driver.owner = f"serve@{socket.gethostname()}:{cp.cfg.home.absolute()}"

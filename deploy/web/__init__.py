@@ -6,6 +6,6 @@ events.py   the registry watched for changes, fanned out to the event streams
 static/     the page: index.html, app.css, app.js (no build step, nothing fetched from elsewhere)
 """
 
-from deploy.web.server import ApiServer, check_exposure, ensure_token
+from deploy.web.server import ApiServer, check_exposure, ensure_token, start_api
 
-__all__ = ["ApiServer", "check_exposure", "ensure_token"]
+__all__ = ["ApiServer", "check_exposure", "ensure_token", "start_api"]

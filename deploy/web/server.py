@@ -18,6 +18,7 @@ import queue
 import secrets
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -320,3 +321,14 @@ class ApiServer:
         scheme = "https" if self.tls is not None else "http"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{scheme}://{host}:{self.port}/"
+
+
+def start_api(cfg: ControlPlaneConfig, listen: str) -> ApiServer | None:
+    """The API for `serve`, or None when its port cannot be bound: rollouts and artifacts matter more
+    than the dashboard, so `serve` goes on without it and says so on stderr. A configuration that
+    would expose it unauthenticated is still refused (ConfigError)."""
+    try:
+        return ApiServer.from_config(cfg, listen).start()
+    except OSError as exc:
+        print(json.dumps({"api_error": f"cannot listen on {listen}: {exc}"}), file=sys.stderr, flush=True)
+        return None
