@@ -14,6 +14,9 @@ need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 # the registry's tests run on PostgreSQL too (deploy/registry/backend.py): a local server, trust auth
 command -v pg_ctlcluster >/dev/null 2>&1 || command -v pg_isready >/dev/null 2>&1 || need_apt+=(postgresql)
+# the dashboard's browser tests (tests/test_dashboard.py): headless chromium driven by selenium
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+[ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
 # systemd-analyze verifies the unit in the tests (no running systemd needed)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 PY=""

@@ -67,6 +67,25 @@ class ServeConfig:
 
 
 @dataclass
+class ApiConfig:
+    """The operators' JSON API and dashboard of `edge-deploy serve` (deploy/web/), on a listener of
+    its own: the artifact endpoint is for devices, this one for people and scripts."""
+
+    #: HOST:PORT, or "" for no API
+    listen: str = "127.0.0.1:8701"
+    #: the operator bearer token (relative to home); `serve` creates it (mode 0600) when absent
+    token_file: Path = Path("api.token")
+    #: whether requests need the token (false: mutual TLS alone authenticates)
+    require_token: bool = True
+    #: HTTPS: the server's certificate and key; with client_ca, clients need a certificate from it
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+    #: listen off loopback with neither a token nor mutual TLS (an open API: for a trusted network only)
+    allow_open: bool = False
+
+
+@dataclass
 class ControlPlaneConfig:
     home: Path = Path(".edge-deploy")
     signing_key: Path = Path("keys/signing.key")
@@ -74,6 +93,7 @@ class ControlPlaneConfig:
     artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
 
     @property
     def registry_path(self) -> Path:
@@ -119,6 +139,10 @@ class ControlPlaneConfig:
             p = getattr(self.broker, name)
             if p is not None and not p.is_file():
                 raise ConfigError(f"broker.{name}", f"file {p} does not exist or is not readable")
+        if (self.api.cert is None) != (self.api.key is None):
+            raise ConfigError("api", "cert and key go together; set both or neither")
+        if self.api.client_ca is not None and self.api.cert is None:
+            raise ConfigError("api.client_ca", "mutual TLS needs the server's cert and key too")
 
 
 def load(home: Path | None = None, env: Mapping[str, str] | None = None) -> ControlPlaneConfig:
@@ -143,5 +167,10 @@ def load(home: Path | None = None, env: Mapping[str, str] | None = None) -> Cont
         p = getattr(cfg.broker, name)
         if p is not None:
             setattr(cfg.broker, name, home / p)
+    cfg.api.token_file = home / cfg.api.token_file
+    for name in ("cert", "key", "client_ca"):
+        p = getattr(cfg.api, name)
+        if p is not None:
+            setattr(cfg.api, name, home / p)
     cfg.validate()
     return cfg

@@ -251,8 +251,12 @@ class ControlPlane:
         tags: Mapping[str, str],
         policy: Policy,
         sections: Mapping[str, Any] | None = None,
+        *,
+        refresh: bool = True,
     ) -> str:
-        self.devices()  # devices learned before the target is resolved
+        """``refresh=False`` where the registry is kept current already (`serve`'s HTTP API)."""
+        if refresh:
+            self.devices()  # devices learned before the target is resolved
         ids = self.resolve_target(device_ids, tags)
         target: dict[str, Any] = {"devices": list(device_ids)} if device_ids else {"tags": dict(tags)}
         dep_id = f"dep-{uuid.uuid4().hex[:10]}"

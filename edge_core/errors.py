@@ -105,6 +105,9 @@ class ErrorCode(StrEnum):
     ALREADY_EXISTS = "already_exists"
     CSR_INVALID = "csr_invalid"
     HOME_MISSING = "home_missing"
+    # the control plane's HTTP API (deploy/web/)
+    UNAUTHORIZED = "unauthorized"
+    NO_SUCH_ROUTE = "no_such_route"
     # requests to the local scoring API (agent/serving/scoring.py): answered 4xx/5xx, never reported
     BAD_REQUEST = "bad_request"
     MALFORMED_JSON = "malformed_json"

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 def add_parser(sub: Subparsers) -> None:
     sv = sub.add_parser("serve", help="serve the local artifact store over HTTP and drive every live rollout")
     sv.add_argument("--listen", help="HOST:PORT (default serve.listen)")
+    sv.add_argument(
+        "--api-listen", help="HOST:PORT of the API and dashboard (default api.listen; '' for none)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -26,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     and every live deployment driven (pause/resume/abort/rollback from other processes included)."""
     # Imported here: the HTTP server is needed by this one long-running command only.
     from deploy.artifact_server import ArtifactServer
+    from deploy.web import start_api
 
     with open_plane(args) as cp:
         listen = args.listen or cp.cfg.serve.listen
@@ -34,14 +38,19 @@ def run(args: argparse.Namespace) -> int:
         server = ArtifactServer(root, host=host, port=int(port), keep_requests=1000).start() if root else None
         # replicas on one registry split the heartbeats between them instead of each storing all
         cp.heartbeat_group = "edge-deploy"
+        api_listen = cp.cfg.api.listen if args.api_listen is None else args.api_listen
+        api = start_api(cp.cfg, api_listen) if api_listen else None
         driver = cp.driver()
         # One identity per host and home: a serve restarted after a crash takes its own lease back at
         # once. Replicas on one PostgreSQL registry therefore need a home (or a host) of their own.
         driver.owner = f"serve@{socket.gethostname()}:{cp.cfg.home.absolute()}"
         driver.LEASE_S = lease = cp.cfg.serve.lease
         registry = redact(cp.cfg.registry_location)
-        print(json.dumps({"serving": server.url if server else None, "registry": registry,
-                          "owner": driver.owner}), flush=True)  # fmt: skip
+        print(json.dumps({
+            "serving": server.url if server else None, "registry": registry, "owner": driver.owner,
+            "dashboard": api.url if api else None,
+            "token_file": str(cp.cfg.api.token_file) if api and api.token else None,
+        }), flush=True)  # fmt: skip
         try:
             while True:
                 cp.ingest()
@@ -53,5 +62,7 @@ def run(args: argparse.Namespace) -> int:
                         driver.step_or_wait(dep["id"])
                 time.sleep(cp.cfg.serve.poll)
         finally:
+            if api is not None:
+                api.stop()
             if server is not None:
                 server.stop()
