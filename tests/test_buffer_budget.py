@@ -42,8 +42,10 @@ def test_one_byte_less_is_refused_with_the_numbers() -> None:
         plan(Limits(1_411_359, 64 << 10, 100), 4096)
     assert "1411359 bytes leave 655359 for records" in e.value.message
     assert "WAL (395552)" in e.value.message and "headroom (327680)" in e.value.message
-    with pytest.raises(ConfigError, match=r"max_record_bytes \(65536\) or batch_max \(100\)"):
+    # The refusal names the settings as agent.toml spells them: what the operator can change.
+    with pytest.raises(ConfigError, match=r"lower telemetry.max_record_bytes \(65536\)") as e:
         plan(Limits(1 * MIB, 64 << 10, 100), 4096)
+    assert e.value.field == "telemetry.buffer_budget_bytes"
 
 
 def test_a_64_mib_budget_with_1_mib_records() -> None:

@@ -64,6 +64,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     src = home.parent / "src"
     src.mkdir()
     argv = ["--home", str(home)]
+    assert cli.main([*argv, "init"]) == 0  # no registry is made outside a home
     assert (
         cli.main([*argv, "model", "register", "mlp", str(models.mlp(src / "m.onnx")), "--tag", "task=t"]) == 0
     )

@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    args.root_parser = parser  # `completion` writes the script from the whole tree of commands
     try:
         return GROUPS[args.group].run(args)
     except EdgeError as exc:

@@ -63,7 +63,5 @@ complete -o default -F _edge_deploy edge-deploy
 
 
 def run(args: argparse.Namespace) -> int:
-    from deploy.cli import _parser  # the whole parser, built by the package
-
-    print(script(_parser(), args.shell), end="")
+    print(script(args.root_parser, args.shell), end="")
     return EXIT_OK
