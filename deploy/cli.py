@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from deploy import bundle, config, signer
+from deploy import bundle, collection, config, signer
 from deploy.artifacts import Progress
 from deploy.plane import ControlPlane
 from deploy.registry import LIVE_STATES, parse_ref, parse_tags
@@ -296,6 +296,13 @@ def _parser() -> argparse.ArgumentParser:
         help="the manifests' runtime and data_collection sections (docs/manifest.md)",
     )
     dc.add_argument(
+        "--data-collection",
+        type=Path,
+        metavar="FILE.yaml|json",
+        help="Azure ML's data_collector (a deployment YAML or its data_collector block): collections, "
+        "sampling and rolling rate, into the manifests' data_collection (docs/monitoring.md)",
+    )
+    dc.add_argument(
         "--no-wait", action="store_true", help="create it and return; `edge-deploy serve` drives it"
     )
     dc.add_argument("--timeout", type=float, metavar="SECONDS", help="stop waiting after this long (exit 3)")
@@ -335,6 +342,12 @@ def _parser() -> argparse.ArgumentParser:
     mc.add_argument("--generation", type=int)
     mc.add_argument("--deployment-id")
     mc.add_argument("--valid-for", type=_duration, default=timedelta(days=7))
+    mc.add_argument(
+        "--data-collection",
+        type=Path,
+        metavar="FILE.yaml|json",
+        help="Azure ML's data_collector (a deployment YAML or its data_collector block)",
+    )
     ms = man.add_parser("sign", help="sign a manifest (JSON file or - for stdin) into an envelope")
     ms.add_argument("manifest")
     ms.add_argument("--key", type=Path, required=True)
@@ -622,6 +635,15 @@ def _registry_command(cp: ControlPlane, args: argparse.Namespace) -> int:
                 "--sections holds only runtime and data_collection",
                 'write {"runtime": {...}, "data_collection": {...}} (docs/manifest.md)',
             )
+        if args.data_collection is not None:
+            # the file's keys over the same keys of --sections' data_collection (capture settings stay)
+            sections = {
+                **sections,
+                "data_collection": {
+                    **sections.get("data_collection", {}),
+                    **collection.load(args.data_collection),
+                },
+            }
         query = parse_tags(args.tag_query.split(","), "tag query") if args.tag_query else {}
         dep_id = cp.create_deployment(image, args.device, query, _policy(args), sections)
         if args.no_wait:
@@ -710,6 +732,8 @@ def _manifest_command(args: argparse.Namespace) -> int:
             deployment_id=args.deployment_id,
             valid_for=args.valid_for,
         )
+        if args.data_collection is not None:
+            doc["data_collection"] = collection.load(args.data_collection)
         print(json.dumps(doc, indent=2))
         return 0
     if args.cmd == "sign":
