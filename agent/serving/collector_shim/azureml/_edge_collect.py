@@ -141,7 +141,10 @@ def emit(record: dict[str, Any]) -> None:
 
 
 def type_name(data: Any) -> str:
-    """``pandas.core.frame.DataFrame``, ``builtins.list``...: Azure ML's ``collectdatatype``."""
+    """``pandas.core.frame.DataFrame``, ``builtins.list``...: Azure ML's ``collectdatatype``. A
+    DataFrame gets the name Azure ML writes, whatever module pandas defines it in today."""
+    if is_dataframe(data):
+        return "pandas.core.frame.DataFrame"
     t = type(data)
     return f"{t.__module__}.{t.__qualname__}"
 
