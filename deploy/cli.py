@@ -636,14 +636,7 @@ def _registry_command(cp: ControlPlane, args: argparse.Namespace) -> int:
                 'write {"runtime": {...}, "data_collection": {...}} (docs/manifest.md)',
             )
         if args.data_collection is not None:
-            # the file's keys over the same keys of --sections' data_collection (capture settings stay)
-            sections = {
-                **sections,
-                "data_collection": {
-                    **sections.get("data_collection", {}),
-                    **collection.load(args.data_collection),
-                },
-            }
+            sections = collection.merge(sections, collection.load(args.data_collection))
         query = parse_tags(args.tag_query.split(","), "tag query") if args.tag_query else {}
         dep_id = cp.create_deployment(image, args.device, query, _policy(args), sections)
         if args.no_wait:

@@ -124,3 +124,9 @@ def load(path: Path) -> dict[str, Any]:
     section = to_section(doc, path)
     check(section, path)
     return section
+
+
+def merge(sections: Mapping[str, Any], section: Mapping[str, Any]) -> dict[str, Any]:
+    """``--sections`` with a ``--data-collection`` file's keys over the same keys of its
+    ``data_collection`` (the capture settings there stay)."""
+    return {**sections, "data_collection": {**(sections.get("data_collection") or {}), **section}}

@@ -566,6 +566,13 @@ def test_edge_deploy_takes_an_azure_ml_deployment_yaml(tmp_path: Path) -> None:
         "endpoint_name": "my-endpoint",
         "deployment_name": "blue",
     }
+    sections = {
+        "runtime": {"intra_op_num_threads": 2},
+        "data_collection": {"enabled": True, "rolling_rate": "Day"},
+    }
+    merged = deploy_collection.merge(sections, section)
+    assert merged["runtime"] == sections["runtime"]
+    assert merged["data_collection"] == {"enabled": True, **section}  # the file's rolling_rate wins
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"collections": {"model_inputs": {"enabled": True}}, "rolling_rate": "Week"}))
     with pytest.raises(ControlPlaneError, match="rolling_rate"):
