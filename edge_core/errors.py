@@ -36,6 +36,7 @@ rename one, only add.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 
 class ErrorCode(StrEnum):
@@ -242,6 +243,8 @@ class ScoringError(EdgeError):
 
     http_status: int = 500
     error_code: ErrorCode = ErrorCode.SCORE_FAILED
+    #: data-collection records the request made before it failed (agent/serving/worker.py)
+    collected: tuple[Any, ...] = ()
 
     def __init__(self, message: str, hint: str = "", *, traceback: str | None = None) -> None:
         super().__init__(self.error_code, message, hint)

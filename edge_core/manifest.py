@@ -67,6 +67,10 @@ class Manifest:
     payload: bytes = b""
     keyid: str = ""
 
+    def data_collector(self) -> DataCollector:
+        """The Azure ML data-collector part of ``data_collection``, resolved (see :func:`data_collector`)."""
+        return data_collector(self.data_collection)
+
     @classmethod
     def from_payload(cls, payload: bytes, keyid: str = "") -> Manifest:
         """Build from payload bytes that were verified before (e.g. read back from local state)."""
@@ -85,6 +89,68 @@ class Manifest:
             payload=payload,
             keyid=keyid,
         )
+
+
+# --- the data collector -------------------------------------------------------------------------
+
+#: ``data_collection.rolling_rate``: how finely collected data is split into blobs (Azure ML's names).
+ROLLING_RATES = ("Minute", "Hour", "Day", "Month", "Year")
+#: The collections the scoring API fills itself, from the HTTP request and response (Azure ML's
+#: reserved names); every other name is a ``Collector(name=...)`` in score.py.
+PAYLOAD_COLLECTIONS = ("request", "response")
+
+
+@dataclass(frozen=True)
+class DataCollector:
+    """What a manifest's ``data_collection`` asks of Azure ML's data collector (docs/manifest.md)."""
+
+    #: enabled collection -> its sampling rate (the collection's own, else the section's, else 1)
+    collections: Mapping[str, float] = field(default_factory=dict)
+    rolling_rate: str = "Hour"
+    #: the legacy ModelDataCollector (Azure ML's ``collect_model_data``)
+    collect_model_data: bool = False
+    #: request headers recorded with the ``request`` collection (``request_logging.capture_headers``)
+    capture_headers: tuple[str, ...] = ()
+    endpoint_name: str | None = None
+    deployment_name: str | None = None
+    subscription_id: str = "default"
+    resource_group: str = "default"
+    workspace_name: str = "default"
+
+    @property
+    def active(self) -> bool:
+        return bool(self.collections) or self.collect_model_data
+
+
+def data_collector(section: Mapping[str, Any]) -> DataCollector:
+    """Resolve the data-collector keys of a ``data_collection`` section that passed the schema.
+
+    As in Azure ML's deployment YAML: a collection is collected only with ``enabled: true``; its
+    ``sampling_rate`` defaults to the section's ``sampling_rate``, which defaults to 1.0; a rate of 0
+    collects nothing, so it is left out. ``rolling_rate`` is matched without regard to case."""
+    default_rate = float(section.get("sampling_rate", 1.0))
+    rates: dict[str, float] = {}
+    for name, spec in (section.get("collections") or {}).items():
+        if isinstance(spec, Mapping) and spec.get("enabled") is True:
+            rate = float(spec.get("sampling_rate", default_rate))
+            if rate > 0:
+                rates[str(name)] = rate
+    rolling = str(section.get("rolling_rate", "Hour"))
+    rolling = next((r for r in ROLLING_RATES if r.lower() == rolling.lower()), "Hour")
+    ws = section.get("workspace") or {}
+    return DataCollector(
+        collections=rates,
+        rolling_rate=rolling,
+        collect_model_data=bool(section.get("collect_model_data", False)),
+        capture_headers=tuple(
+            str(h).lower() for h in (section.get("request_logging") or {}).get("capture_headers") or ()
+        ),
+        endpoint_name=section.get("endpoint_name"),
+        deployment_name=section.get("deployment_name"),
+        subscription_id=str(ws.get("subscription_id", "default")),
+        resource_group=str(ws.get("resource_group", "default")),
+        workspace_name=str(ws.get("name", "default")),
+    )
 
 
 # --- encoding ---------------------------------------------------------------------------------

@@ -6,7 +6,10 @@ signing key, and N real ``edge-agent`` processes. It trains two Iris classifiers
 converted with skl2onnx), registers them as two versions of one model, builds an image from each,
 rolls the first out by tag (canary first) and scores it on every device, shows a tampered manifest
 being refused while the image keeps serving, rolls the second out behind an error-rate gate under
-continuous load, and rolls it back.
+continuous load, and rolls it back. Then it monitors and collects: an image whose score.py logs its
+inputs and outputs with Azure ML's ``azureml.ai.monitoring.Collector`` goes out with the request,
+response and model input/output collections enabled, and the demo counts the collected records
+per collection as they arrive in each device's blob storage (a local directory by default).
 """
 
 from __future__ import annotations
@@ -89,6 +92,105 @@ def _iris_images(cp: ControlPlane, workdir: Path) -> tuple[list[Image], dict[str
     return images, data
 
 
+#: The monitored image's score.py: Azure ML's contract (init/run) and its data collector, as a user
+#: writes them for an Azure ML online endpoint. No Azure package is installed: the agent provides the
+#: SDK. No inference_schema decorators, so it runs where that package is not installed.
+MONITORED_SCORE_PY = """\
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+from azureml.ai.monitoring import Collector
+
+FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+
+
+def init():
+    global session, inputs_collector, outputs_collector
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    path = os.path.join(os.environ["AZUREML_MODEL_DIR"], "iris.onnx")
+    session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    inputs_collector = Collector(name="model_inputs", on_error=lambda e: print("collect failed:", e))
+    outputs_collector = Collector(name="model_outputs", on_error=lambda e: print("collect failed:", e))
+
+
+def run(raw_data):
+    rows = json.loads(raw_data)["data"]
+    context = inputs_collector.collect([dict(zip(FEATURES, r)) for r in rows])
+    label, probabilities = session.run(None, {"X": np.asarray(rows, dtype=np.float32)})
+    outputs_collector.collect(
+        [{"label": int(k), "probability": float(p.max())} for k, p in zip(label, probabilities)], context
+    )
+    return {"label": label.tolist(), "probabilities": probabilities.tolist()}
+"""
+COLLECTIONS = ("model_inputs", "model_outputs", "request", "response")
+REQUESTS_PER_DEVICE = 10
+
+
+def _monitored_image(cp: ControlPlane, workdir: Path, data: dict[str, Any]) -> Image:
+    """iris:1 behind the score.py above, with a smoke test computed by onnxruntime."""
+    import onnxruntime as ort
+
+    from deploy.bundle import SmokeTest
+
+    script = workdir / "score.py"
+    script.write_text(MONITORED_SCORE_PY)
+    row = data["test_rows"][:1]
+    sess = ort.InferenceSession(str(data["paths"]["logreg"]), providers=["CPUExecutionProvider"])
+    label, probs = sess.run(None, {"X": row})
+    smoke = SmokeTest({"data": row.tolist()}, {"label": label.tolist(), "probabilities": probs.tolist()})
+    return cp.build_image("iris-monitored", [("iris", "iris", 1)], score=script, smoke_test=smoke)
+
+
+def _collected(outboxes: list[Path], prefix: str) -> tuple[dict[str, int], Path | None]:
+    """Records per collection in the devices' blob storage (Azure ML's layout), and one blob."""
+    counts: dict[str, int] = {}
+    one = None
+    for box in outboxes:
+        for path in sorted((box / prefix).glob("*/*/*/*/*/*.jsonl")):
+            name = path.relative_to(box / prefix).parts[0]
+            counts[name] = counts.get(name, 0) + path.read_bytes().count(b"\n")
+            one = one or (path if name == "model_inputs" else None)
+    return counts, one
+
+
+def _monitor(rig: Rig, cp: ControlPlane, ids: list[str], dep_id: str, data: dict[str, Any]) -> bool:
+    """Score every device, then watch the collected records arrive in their blob storage."""
+    import httpx
+
+    rows = data["test_rows"]
+    for d in ids:
+        api = (rig.op.report(d) or {})["runtime"]["api"]
+        with httpx.Client(base_url=api, timeout=10) as c:
+            for i in range(REQUESTS_PER_DEVICE):
+                body = {"data": [[round(float(v), 2) for v in rows[i % len(rows)]]]}
+                c.post("/score", json=body, headers={"x-request-id": f"{d}-req-{i}"}).raise_for_status()
+    want = REQUESTS_PER_DEVICE * len(ids)
+    _say(f"  POST /score x {REQUESTS_PER_DEVICE} on each device (x-request-id DEVICE-req-N)")
+    prefix = f"modelDataCollector/iris-monitored/{dep_id}"
+    outboxes = [rig.agents[d].state_dir / "outbox" for d in ids]
+    _say(f"  blob storage: each device's {outboxes[0].relative_to(rig.agents[ids[0]].dir)}/{prefix}/")
+    last: dict[str, int] | None = None
+    deadline = time.monotonic() + 30
+    while True:
+        counts, one = _collected(outboxes, prefix)
+        if counts != last:
+            _say("  collected: " + ", ".join(f"{c} {counts.get(c, 0)}" for c in COLLECTIONS))
+            last = counts
+        done = all(counts.get(c, 0) >= want for c in COLLECTIONS)
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if one is not None:
+        record = json.loads(one.read_bytes().splitlines()[0])
+        _say(f"  one record, from {one.relative_to(rig.workdir)}:")
+        for line in json.dumps(record, indent=2).splitlines():
+            _say(f"    {line}")
+    return done
+
+
 def _score_all(rig: Rig, ids: list[str], data: dict[str, Any]) -> None:
     import httpx
 
@@ -129,7 +231,7 @@ def demo(workdir: Path, devices: int, keep: bool) -> int:
             artifacts.stop()
     # Only now: the agents, the broker and the artifact server have stopped writing into it.
     if keep:
-        _say(f"State and logs: {workdir}")
+        _say(f"State, logs and collected data: {workdir}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
     return code
@@ -141,7 +243,9 @@ def _demo(rig: Rig, cp: ControlPlane, ids: list[str], workdir: Path) -> int:
     _say(f"registry {cp.cfg.registry_path}; artifacts served at {cp.cfg.public_url}")
     _say(f"signing  key {mf.key_id(rig.key.public_key())[:16]} (Ed25519)")
     for d in ids:
-        rig.add_device(d).start()
+        # Uploads every half second (the default waits up to 5 minutes to fill a batch): step 5 shows
+        # the collected records arriving in blob storage, the devices' <state>/outbox by default.
+        rig.add_device(d, {"sync": {"interval": 0.5, "max_batch_age": 0.5}}).start()
     for d in ids:
         rig.wait_status(d, lambda s: s.get("state") == "idle", timeout=60)
     _say(f"agents   {', '.join(ids)} started")
@@ -204,6 +308,22 @@ def _demo(rig: Rig, cp: ControlPlane, ids: list[str], workdir: Path) -> int:
     cp.command(update, "rollback")
     rollout(update, "rolled back")
 
+    _say(
+        "\n5. monitor and collect: iris-monitored:1, a score.py that logs with Azure ML's "
+        "azureml.ai.monitoring.Collector,"
+    )
+    _say(f"   deployed with the collections {', '.join(COLLECTIONS)} enabled (rolling_rate Hour)")
+    monitored = _monitored_image(cp, workdir, data)
+    sections = {
+        "data_collection": {
+            "collections": {c: {"enabled": True} for c in COLLECTIONS},
+            "rolling_rate": "Hour",
+        }
+    }
+    watched = cp.create_deployment(monitored, [], {"fleet": "demo"}, Policy(canary=1), sections)
+    rollout(watched, "deployed")
+    collected = _monitor(rig, cp, ids, watched, data)
+
     for d in ids:
         on_disk = rig.agents[d].current_image()
         reported = (rig.op.report(d) or {}).get("active", {}).get("sha256")
@@ -215,8 +335,10 @@ def _demo(rig: Rig, cp: ControlPlane, ids: list[str], workdir: Path) -> int:
         s = cp.summary(dep["id"])
         _say(f"  {s['id']}  {s['image']:<18} {s['state']:<12} models {','.join(s['models'])}  {s['counts']}")
     failed = sum(v for k, v in counts.items() if not k.startswith("v"))
+    if not collected:
+        _say("MISSING collected records: not every request's records reached blob storage in 30 s")
     _say(f"\nevery device's status matches the image on its disk; {failed} failed requests.")
-    return 1 if failed else 0
+    return 1 if failed or not collected else 0
 
 
 def _wave_sizes(cp: ControlPlane, dep_id: str) -> list[int]:

@@ -22,6 +22,7 @@ import orjson
 import pytest
 
 from agent.telemetry.buffer import Buffer, DropReason, RecordClass
+from agent.telemetry.buffer.schema import MIGRATIONS, SCHEMA_VERSION
 from edge_core.errors import BufferUnavailable, ConfigError, ErrorCode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -278,7 +279,7 @@ def test_counters_survive_restart(tmp_path: Path) -> None:
         assert after["classes"] == before["classes"]
         assert after["committed"] == 0  # since this start
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone() == (1,)
+    assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     rows = dict(((c, r), n) for c, r, n, _ in db.execute("SELECT cls, reason, records, bytes FROM dropped"))
     assert rows[("capture", DropReason.TOO_LARGE)] == 1
     assert rows[("event", DropReason.INVALID)] == 1
@@ -311,12 +312,34 @@ def test_lowered_budget_shrinks_the_file_at_start(tmp_path: Path) -> None:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
+def test_a_version_1_file_is_migrated_with_its_records(tmp_path: Path) -> None:
+    """Version 2 added the collection class's table; a file written by version 1 gets it, keeps
+    every record and counter, and takes the new class's records."""
+    path = tmp_path / "buffer.db"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    for stmt in MIGRATIONS[0]:
+        db.execute(stmt)
+    db.execute("INSERT INTO records_event (ts, payload) VALUES (1.0, x'6f6c64')")
+    db.execute("INSERT INTO acked VALUES ('capture', 5, 500)")
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    with Buffer(path, budget_bytes=16 << 20) as b:
+        assert records(b, C.EVENT) == [b"old"]
+        assert b.stats()["classes"]["capture"]["acked"] == {"records": 5, "bytes": 500}
+        assert b.put(C.COLLECTION, b"new") and b.flush(TIMEOUT_S)
+        assert records(b, C.COLLECTION) == [b"new"]
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (2,)
+
+
 def test_schema_versions_and_damaged_files(tmp_path: Path) -> None:
     path = tmp_path / "buffer.db"
     with Buffer(path, budget_bytes=16 << 20) as b:
         b.put(C.EVENT, b"kept")
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone() == (1,)
+    assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     assert db.execute("PRAGMA auto_vacuum").fetchone() == (2,)  # incremental
     assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     db.execute("PRAGMA user_version=99")
@@ -357,7 +380,7 @@ def test_concurrent_producers_reader_and_acks(make: Any) -> None:
     def produce(t: int) -> None:
         try:
             for i in range(per):
-                cls = list(C)[i % 4]
+                cls = list(C)[i % len(C)]
                 assert b.put(cls, orjson.dumps([t, i]))
         except BaseException as e:  # reported by the main thread
             errors.append(e)
@@ -394,7 +417,7 @@ def test_concurrent_producers_reader_and_acks(make: Any) -> None:
     for t in range(producers):
         for k, cls in enumerate(C):
             # each producer's records of a class arrive once each, in the order it put them
-            assert received[(cls, t)] == list(range(k, per, 4))
+            assert received[(cls, t)] == list(range(k, per, len(C)))
     st = b.stats()
     assert all(st["classes"][cls]["records"] == 0 for cls in C)
     assert sum(st["classes"][cls]["acked"]["records"] for cls in C) == producers * per

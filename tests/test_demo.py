@@ -34,5 +34,9 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "updated: succeeded" in out and "rolled back: rolled_back" in out
     assert "iris-classifier:2  rolled_back  models iris:2  {'reverted': 2}" in out
     assert "every device's status matches the image on its disk; 0 failed requests" in out
+    # step 4 of the seed: monitor and collect, counted as the records arrive in blob storage
+    assert out.count("runs image iris-monitored:1") == 2
+    assert "collected: model_inputs 20, model_outputs 20, request 20, response 20" in out
+    assert "one record, from devices/dev-00" in out and '"type": "azureml.inference.model_inputs"' in out
     assert not (tmp_path / "demo").exists()  # cleaned up without --keep
     assert str(tmp_path / "demo") not in out.strip().splitlines()[-1]  # names no folder that is gone

@@ -16,6 +16,7 @@ from agent.serving.api import ApiServer, ScoringApp, TlsSettings
 from agent.serving.runtime import LoadedImage, Runtime, RuntimeSettings
 from agent.serving.scoring import Scorer
 from agent.telemetry.capture import Capturer, CaptureSettings, RecordSink
+from agent.telemetry.collections import Collections, child_env
 from agent.telemetry.metrics import Metrics
 from edge_core import manifest as mf
 from edge_core.log import get_logger
@@ -38,7 +39,7 @@ class Serving:
         self.executor = ThreadPoolExecutor(max_workers=cfg.api.threads, thread_name_prefix="score")
         self.api: ApiServer | None = None
 
-    def _make_worker(self, image_dir: Path, meta: dict[str, Any]) -> Any:
+    def _make_worker(self, image_dir: Path, meta: dict[str, Any], env: dict[str, str] | None = None) -> Any:
         from agent.serving.pyenv import ensure_image_env
         from agent.serving.worker import WorkerPool
 
@@ -51,6 +52,7 @@ class Serving:
             timeout_s=rc.request_timeout,
             init_timeout_s=rc.init_timeout,
             entry_script=str(meta["entry_script"]),
+            env=env,
         )
         pool.start()
         return pool
@@ -60,7 +62,9 @@ class Serving:
         the API."""
         if active_dir is not None:
             try:
-                img = self.runtime.load(active_dir, manifest.runtime if manifest else None)
+                img = self.runtime.load(
+                    active_dir, manifest.runtime if manifest else None, self._worker_env(manifest)
+                )
                 self._attach_capture(img, manifest)
                 self.runtime.swap(img)
             except Exception as exc:  # keep the agent up: it can still take a fixing deployment
@@ -92,9 +96,31 @@ class Serving:
 
     # --- deployer.Activator -------------------------------------------------------------------
 
+    def _worker_env(self, manifest: mf.Manifest | None) -> dict[str, str] | None:
+        """What the score.py workers must know of the deployment's Azure ML collections."""
+        if manifest is None or self.sink is None:
+            return None
+        dc = manifest.data_collector()
+        return child_env(dc, self.cfg.device_id, manifest.image.version) if dc.active else None
+
+    def _attach_collection(self, img: LoadedImage, manifest: mf.Manifest) -> None:
+        dc = manifest.data_collector()
+        if not dc.active:
+            return
+        img.collection = Collections(
+            self.sink,
+            dc,
+            device_id=self.cfg.device_id,
+            endpoint=img.name,  # Azure ML's endpoint is what clients score: the image, on the edge
+            deployment=manifest.deployment_id,
+            model_version=img.version,
+            max_payload_bytes=int(manifest.data_collection.get("max_payload_bytes", 64 * 1024)),
+        )
+
     def _attach_capture(self, img: LoadedImage, manifest: mf.Manifest | None) -> None:
         if manifest is None or self.sink is None:
             return
+        self._attach_collection(img, manifest)
         settings = CaptureSettings.from_manifest(manifest.data_collection)
         if not settings.active:
             return
@@ -106,7 +132,7 @@ class Serving:
         img.capturer = Capturer(self.sink, settings, lineage)
 
     def prepare(self, image_dir: Path, manifest: mf.Manifest) -> LoadedImage:
-        img = self.runtime.load(image_dir, manifest.runtime)
+        img = self.runtime.load(image_dir, manifest.runtime, self._worker_env(manifest))
         self._attach_capture(img, manifest)
         try:
             took = self.scorer.smoke_test(img)

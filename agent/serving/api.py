@@ -18,7 +18,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,8 @@ import uvicorn
 from agent import __version__
 from agent.serving.runtime import LoadedImage, Runtime
 from agent.serving.scoring import BinaryReply, Scorer, model_config
+from agent.telemetry.capture import Capturer
+from agent.telemetry.collections import Collections
 from agent.telemetry.metrics import Metrics
 from edge_core import faults
 from edge_core.log import get_logger
@@ -149,8 +151,11 @@ class ScoringApp:
         if img is None:
             await _reply(send, 503, {"error": "no image is active on this device", "code": "no_image"})
             return
-        fn = lambda: self.scorer.score(img, body)  # noqa: E731
-        await self._serve(scope, send, img, "score", "score", fn, self.scorer.inline(img, None), body)
+        collected: list[dict[str, Any]] = []  # filled by the worker thread before fn returns
+        fn = lambda: self.scorer.score(img, body, collected)  # noqa: E731
+        await self._serve(
+            scope, send, img, "score", "score", fn, self.scorer.inline(img, None), body, collected
+        )
 
     async def _infer(self, scope: Scope, send: Send, model: str, body: bytes, version: str | None) -> None:
         img = self.runtime.current
@@ -178,6 +183,7 @@ class ScoringApp:
         fn: Callable[[], tuple[int, Body]],
         inline: bool,
         body: bytes,
+        collected: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         img.acquire()  # the request finishes on the image it started on, even across a swap
         t0 = time.perf_counter()
@@ -188,24 +194,31 @@ class ScoringApp:
         elapsed = time.perf_counter() - t0
         self.metrics.observe(img, model, status, elapsed)
         cap = img.capturer
-        if cap is None or not cap.sampled():
+        captured = cap is not None and cap.sampled()
+        col = img.collection
+        if not captured and col is None:
             await _raw(send, status, out)
             return
-        rid = _header(scope, b"x-request-id") or cap.request_id()
-        # records are JSON: a binary tensor exchange is captured as its JSON equivalent
-        cap_in, cap_out = out.as_json() if isinstance(out, BinaryReply) else (body, out)
-        cap.record(
-            api=api,
-            model=model,
-            version=img.version,
-            request_id=rid,
-            ts=time.time(),
-            latency_s=elapsed,
-            status=status,
-            body=cap_in,
-            out=cap_out,
-            raw=img.worker is not None,
-        )
+        rid = _header(scope, b"x-request-id") or Capturer.request_id()
+        ts = time.time()
+        # records are JSON: a binary tensor exchange is recorded as its JSON equivalent
+        rec_in, rec_out = out.as_json() if isinstance(out, BinaryReply) else (body, out)
+        if captured:
+            assert cap is not None
+            cap.record(
+                api=api,
+                model=model,
+                version=img.version,
+                request_id=rid,
+                ts=ts,
+                latency_s=elapsed,
+                status=status,
+                body=rec_in,
+                out=rec_out,
+                raw=img.worker is not None,
+            )
+        if col is not None:
+            _collect(col, scope, rid, ts, rec_in, status, rec_out, collected)
         await _raw(send, status, out, [(b"x-request-id", rid.encode())])
 
     async def _get(self, send: Send, path: str) -> None:
@@ -254,6 +267,35 @@ class ScoringApp:
             await _reply(send, 200, {"status": "ok", "image": img.describe() if img else None})
         else:
             await _reply(send, 404, {"error": f"no route for GET {path}", "code": "not_found"})
+
+
+def _collect(
+    col: Collections,
+    scope: Scope,
+    rid: str,
+    ts: float,
+    body: bytes,
+    status: int,
+    out: bytes,
+    collected: Sequence[Mapping[str, Any]],
+) -> None:
+    """Azure ML's collections of one request: its payloads, and what score.py collected."""
+    wanted = col.settings.capture_headers
+    headers = {}
+    if wanted:
+        headers = {k.decode("latin-1"): v[:1024].decode("latin-1") for k, v in scope["headers"]}
+    col.record(
+        request_id=rid,
+        ts=ts,
+        path=scope["path"],
+        method=scope["method"],
+        content_type=_header(scope, b"content-type"),
+        headers=headers,
+        body=body,
+        status=status,
+        out=out,
+        collected=collected,
+    )
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

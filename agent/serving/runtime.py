@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from agent.telemetry.capture import Capturer
+from agent.telemetry.collections import Collections
 from edge_core.errors import ErrorCode, ModelLoadError
 from edge_core.log import get_logger
 from edge_core.tensors import v2_datatype
@@ -141,6 +142,8 @@ class LoadedImage:
         self.worker = worker
         #: set by serving when the deployment asks for data capture (agent/telemetry/capture.py)
         self.capturer: Capturer | None = None
+        #: set by serving when the deployment enables Azure ML collections (agent/telemetry/collections.py)
+        self.collection: Collections | None = None
         self._inflight = 0
         self._retired = False
         self._lock = threading.Lock()
@@ -222,7 +225,13 @@ class Runtime:
     def current(self) -> LoadedImage | None:
         return self._current
 
-    def load(self, image_dir: Path, override: Mapping[str, Any] | None = None) -> LoadedImage:
+    def load(
+        self,
+        image_dir: Path,
+        override: Mapping[str, Any] | None = None,
+        worker_env: Mapping[str, str] | None = None,
+    ) -> LoadedImage:
+        """``worker_env``: more environment for the score.py workers (the deployment's collections)."""
         meta = read_meta(image_dir)
         settings = self.settings.merged(override or {})
         t0 = time.monotonic()
@@ -235,7 +244,10 @@ class Runtime:
                 raise ModelLoadError(
                     ErrorCode.MODEL_LOAD_FAILED, "this agent cannot run score.py", "upgrade the agent"
                 )
-            worker = self._worker_factory(image_dir, meta)
+            if worker_env:
+                worker = self._worker_factory(image_dir, meta, worker_env)
+            else:
+                worker = self._worker_factory(image_dir, meta)
         img = LoadedImage(image_dir, meta, models, settings, worker)
         log.info(
             "runtime.loaded",

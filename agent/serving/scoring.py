@@ -428,13 +428,16 @@ class Scorer:
 
     # --- Azure ML /score -------------------------------------------------------------------
 
-    def score(self, img: LoadedImage, body: bytes) -> tuple[int, bytes]:
+    def score(
+        self, img: LoadedImage, body: bytes, collected: list[dict[str, Any]] | None = None
+    ) -> tuple[int, bytes]:
         """score.py images: ``run(raw_data)`` in a worker. Without score.py: ``{"data": ...}`` goes to
         the model's single input (or ``{"inputs": {name: ...}}`` to several) and the answer maps
-        each output name to its value."""
+        each output name to its value. ``collected`` receives what score.py's Azure ML data
+        collectors collected during the request (the smoke test passes none: it is not traffic)."""
         try:
             if img.worker is not None:
-                return self._score_worker(img, body)
+                return self._score_worker(img, body, collected)
             if len(img.models) != 1:
                 raise _bad(
                     "this image has no score.py and several models: use /v2/models/{name}/infer",
@@ -461,11 +464,17 @@ class Scorer:
         except RequestRefused as exc:
             return exc.status, orjson.dumps({"error": exc.message, "code": str(exc.code)})
 
-    def _score_worker(self, img: LoadedImage, body: bytes) -> tuple[int, bytes]:
+    def _score_worker(
+        self, img: LoadedImage, body: bytes, collected: list[dict[str, Any]] | None = None
+    ) -> tuple[int, bytes]:
         try:
             result = img.worker.score(body)
         except ScoringError as exc:
+            if collected is not None:
+                collected.extend(exc.collected)
             return exc.http_status, orjson.dumps({"error": exc.message, "code": str(exc.code)})
+        if collected is not None:
+            collected.extend(result.collected)
         return result.status, result.body
 
     # --- smoke test ------------------------------------------------------------------------

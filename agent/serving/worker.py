@@ -38,6 +38,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from agent.serving.worker_child import PARENT_PID_ENV
 from agent.serving.worker_process import Forker, PoolClosed, WorkerProcess
@@ -87,6 +88,8 @@ class ScoreResult:
     body: bytes
     status: int = 200
     content_type: str = "application/json"
+    #: what the script's Azure ML data collectors collected during the request (worker_child.py)
+    collected: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,15 @@ class PoolStats:
 
 
 # --- internals -------------------------------------------------------------------------------
+
+
+def _collected(header: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
+    """The data-collection records a response header carries; anything malformed is dropped (they
+    are telemetry, and must never turn a good answer into an error)."""
+    records = header.get("collected")
+    if not isinstance(records, list):
+        return ()
+    return tuple(r for r in records if isinstance(r, dict))
 
 
 def _backoff(failures: int) -> float:
@@ -384,14 +396,20 @@ class WorkerPool:
         self._release(w)
         if header.get("ok"):
             return ScoreResult(
-                body, int(header.get("status") or 200), str(header.get("content_type") or "application/json")
+                body,
+                int(header.get("status") or 200),
+                str(header.get("content_type") or "application/json"),
+                _collected(header),
             )
         error = str(header.get("error") or "run() failed")
         if header.get("kind") == "bad_input":
             raise ScoreBadInput(error, "send the request body as UTF-8 text")
         tb = header.get("traceback")
         log.warning("worker.run_failed", image=self._label, slot=w.slot, pid=w.pid, error=error, traceback=tb)
-        raise ScoreFailed(error, "fix the scoring script; its traceback is in the agent's log", traceback=tb)
+        hint = "fix the scoring script; its traceback is in the agent's log"
+        failed = ScoreFailed(error, hint, traceback=tb)
+        failed.collected = _collected(header)  # the inputs a failing run() collected are data too
+        raise failed
 
     def _release(self, w: WorkerProcess) -> None:
         with self._lock:

@@ -22,7 +22,8 @@ a frame: a 4-byte big-endian length, then that many bytes.
   ``{"ok": false, "error": "Type: message", "traceback": "..."}`` if the import or ``init()``
   failed (the process then exits). Then one frame per request: ``{"ok": true, "status": 200,
   "content_type": "application/json"}`` + the body, or ``{"ok": false, "kind": "user" | "bad_input",
-  "error": ..., "traceback": ...}`` with an empty body.
+  "error": ..., "traceback": ...}`` with an empty body. Either header may carry ``"collected": [...]``:
+  what the script's Azure ML data collectors (``collector_shim/``) collected during that request.
 
 The body travels as raw bytes after the header rather than as a JSON string inside it: no second
 round of escaping for large results, and a script that returns a raw ``AMLResponse`` can send bytes.
@@ -51,6 +52,10 @@ from typing import Any
 PARENT_PID_ENV = "EDGE_WORKER_PARENT_PID"
 #: Azure ML's module name for the entry script (``user_script.py: load_script``).
 MODULE_NAME = "entry_module"
+#: Azure ML's data-collection SDKs (``azureml.ai.monitoring``, ``azureml.monitoring``), standing in
+#: for the Azure packages: put on sys.path right after the image's root (see main()).
+COLLECTOR_SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "collector_shim")
+_COLLECT_BRIDGE = "azureml._edge_collect"
 TRACEBACK_CHARS = 8000
 
 _LEN = struct.Struct(">I")
@@ -220,6 +225,21 @@ def encode(result: Any) -> tuple[dict[str, Any], bytes]:
     return {"ok": True, "status": 200, "content_type": "application/json"}, text.encode()
 
 
+def collection_begin() -> None:
+    """A request starts: the data collectors forget the last one. Free until a script imports one."""
+    bridge = sys.modules.get(_COLLECT_BRIDGE)
+    if bridge is not None:
+        bridge.begin()
+
+
+def with_collected(header: dict[str, Any]) -> dict[str, Any]:
+    """The response header, with what the request's data collectors collected (``"collected"``)."""
+    bridge = sys.modules.get(_COLLECT_BRIDGE)
+    if bridge is not None and (records := bridge.drain()):
+        header["collected"] = records
+    return header
+
+
 def serve(chan: Channel, run: Callable[[str], Any]) -> int:
     while True:
         raw = chan.read()
@@ -233,14 +253,17 @@ def serve(chan: Channel, run: Callable[[str], Any]) -> int:
                 {"ok": False, "kind": "bad_input", "error": f"Input cannot be decoded as UTF-8: {exc}"}
             )
             continue
+        collection_begin()
         try:
             header, body = encode(run(text))
         except Exception as exc:  # BaseException (SystemExit...) ends the worker: the parent restarts it
             chan.write(
-                {"ok": False, "kind": "user", "error": describe(exc), "traceback": traceback_text(exc)}
+                with_collected(
+                    {"ok": False, "kind": "user", "error": describe(exc), "traceback": traceback_text(exc)}
+                )
             )
             continue
-        chan.write(header, body)
+        chan.write(with_collected(header), body)
 
 
 def main(argv: list[str]) -> int:
@@ -256,8 +279,11 @@ def main(argv: list[str]) -> int:
     die_with_parent()
     # Running a script puts its own directory (agent/) first on sys.path, which would let the
     # user's `import log` or `import config` find the agent's modules; the image's root takes it.
+    # The collector shim comes next: before site-packages, because the Azure packages themselves
+    # cannot work here (they write through Azure ML's collection side-car).
     here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [image_dir] + [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    sys.path[:] = [image_dir, COLLECTOR_SHIM, *rest]
     # The image directory is content-addressed and may be read-only: no __pycache__ inside it.
     sys.dont_write_bytecode = True
     os.environ["AZUREML_MODEL_DIR"] = os.path.join(image_dir, "models")

@@ -19,13 +19,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
+from agent.telemetry import collections
 from edge_core.log import get_logger
 
 log = get_logger("sync")
 
-CLASSES = ("event", "inference", "system", "capture")
+CLASSES = ("event", "inference", "system", "capture", collections.CLASS)
 CONTENT_TYPE = "application/x-ndjson"
 
 
@@ -154,6 +155,8 @@ class Uploader:
         return uploaded
 
     def _one(self, cls: str, force: bool) -> int:
+        if cls == collections.CLASS:
+            return self._one_collection(force)
         intent = self.intents.get_meta(f"sync.intent.{cls}")
         batch = list(self.buffer.read_batch(cls, self.batch_max_records, self.batch_max_bytes))
         if intent is not None:
@@ -198,6 +201,44 @@ class Uploader:
         s.last_error = None
         s.per_class[cls] = s.per_class.get(cls, 0) + len(batch)
         log.info("sync.uploaded", blob=name, records=len(batch), bytes=len(data))
+        return 1
+
+    def _one_collection(self, force: bool) -> int:
+        """Azure ML data-collector records: several blobs per batch, named in Azure ML's layouts by
+        :mod:`agent.telemetry.collections`, with the same intent, upload, acknowledge as the others."""
+        cls = collections.CLASS
+        key = f"sync.intent.{cls}"
+        store = cast(collections.BlobStore, self.backend)  # the CSV layout reads the file it appends to
+        intent = self.intents.get_meta(key)
+        batch = list(self.buffer.read_batch(cls, self.batch_max_records, self.batch_max_bytes))
+        if intent is not None:
+            batch = [r for r in batch if r.seq <= intent["last"]]
+            if not batch:
+                self.intents.set_meta(key, None)
+                return 0
+        else:
+            if not batch:
+                return 0
+            full = (
+                len(batch) >= self.batch_max_records
+                or sum(len(r.payload) for r in batch) >= self.batch_max_bytes // 2
+            )
+            if not (force or full or self.clock() - batch[0].ts >= self.max_batch_age_s):
+                return 0
+            intent = collections.plan(batch, self.device_id, store)
+            self.intents.set_meta(key, intent)
+        blobs, sent = collections.upload(batch, intent, store)
+        self.buffer.ack(cls, [r.seq for r in batch])
+        self.intents.set_meta(key, None)
+        s = self.state
+        s.blobs += blobs
+        s.records += len(batch)
+        s.bytes_raw += sum(len(r.payload) for r in batch)
+        s.bytes_sent += sent
+        s.last_upload_at = self.clock()
+        s.last_error = None
+        s.per_class[cls] = s.per_class.get(cls, 0) + len(batch)
+        log.info("sync.uploaded", cls=cls, blobs=blobs, records=len(batch), bytes=sent)
         return 1
 
     def _fail(self, exc: Exception) -> None:

@@ -15,6 +15,7 @@ class RecordClass(StrEnum):
     INFERENCE = "inference"  # inference metrics
     SYSTEM = "system"  # system metrics
     EVENT = "event"  # events and logs
+    COLLECTION = "collection"  # Azure ML data-collector records (agent/telemetry/collections.py)
 
 
 class DropReason(StrEnum):
@@ -31,6 +32,7 @@ DEFAULT_PRIORITIES: Final[Mapping[RecordClass, int]] = {
     RecordClass.INFERENCE: 2,
     RecordClass.SYSTEM: 1,
     RecordClass.CAPTURE: 0,
+    RecordClass.COLLECTION: 0,  # model data, as the captures: the first to go when the disk is full
 }
 
 MIB: Final = 1 << 20

@@ -24,21 +24,25 @@ def table(cls: str) -> str:
     return f"records_{cls}"
 
 
-def _migration_v1() -> list[str]:
-    stmts = []
-    for cls in RecordClass:
-        t = table(cls)
+def _class_tables(cls: str) -> list[str]:
+    t = table(cls)
+    return [
         # One table per class: inserts touch a single b-tree with no secondary index, read_batch and
         # ack are primary-key ranges, and evicting a class's oldest rows frees whole pages instead of
         # punching holes into pages shared with other classes. AUTOINCREMENT: a seq is never reused,
         # even after the table was emptied, so a repeated ack can never delete a newer record.
-        stmts.append(
-            f"CREATE TABLE {t} (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, "
-            "priority INTEGER, payload BLOB NOT NULL)"
-        )
+        f"CREATE TABLE {t} (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, "
+        "priority INTEGER, payload BLOB NOT NULL)",
         # NULL priority = the class's priority (Buffer(priorities=...)). Only put(priority=...)
         # stores one, and only those rows are indexed, so the common insert pays nothing for it.
-        stmts.append(f"CREATE INDEX {t}_priority ON {t} (priority, seq) WHERE priority IS NOT NULL")
+        f"CREATE INDEX {t}_priority ON {t} (priority, seq) WHERE priority IS NOT NULL",
+    ]
+
+
+def _migration_v1() -> list[str]:
+    # The classes of version 1, named: a class added later gets its table from a later migration,
+    # so a version-1 file and a new one end up with the same tables.
+    stmts = [s for cls in ("capture", "inference", "system", "event") for s in _class_tables(cls)]
     stmts.append(
         "CREATE TABLE dropped (cls TEXT NOT NULL, reason TEXT NOT NULL, records INTEGER NOT NULL, "
         "bytes INTEGER NOT NULL, PRIMARY KEY (cls, reason)) WITHOUT ROWID"
@@ -50,8 +54,12 @@ def _migration_v1() -> list[str]:
     return stmts
 
 
+#: Version 2: Azure ML data-collector records (RecordClass.COLLECTION).
+_MIGRATION_V2 = _class_tables(RecordClass.COLLECTION)
+
+
 #: MIGRATIONS[i] takes user_version i to i + 1, in one transaction with the version bump.
-MIGRATIONS: Final[tuple[list[str], ...]] = (_migration_v1(),)
+MIGRATIONS: Final[tuple[list[str], ...]] = (_migration_v1(), _MIGRATION_V2)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
