@@ -48,6 +48,7 @@ from agent.serving.worker_protocol import (
     FrameTooLarge,
     ProtocolError,
     WorkerGone,
+    collected_records,
 )
 from edge_core.errors import (
     ScoreBadInput,
@@ -104,15 +105,6 @@ class PoolStats:
 
 
 # --- internals -------------------------------------------------------------------------------
-
-
-def _collected(header: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
-    """The data-collection records a response header carries; anything malformed is dropped (they
-    are telemetry, and must never turn a good answer into an error)."""
-    records = header.get("collected")
-    if not isinstance(records, list):
-        return ()
-    return tuple(r for r in records if isinstance(r, dict))
 
 
 def _backoff(failures: int) -> float:
@@ -399,7 +391,7 @@ class WorkerPool:
                 body,
                 int(header.get("status") or 200),
                 str(header.get("content_type") or "application/json"),
-                _collected(header),
+                collected_records(header),
             )
         error = str(header.get("error") or "run() failed")
         if header.get("kind") == "bad_input":
@@ -408,7 +400,7 @@ class WorkerPool:
         log.warning("worker.run_failed", image=self._label, slot=w.slot, pid=w.pid, error=error, traceback=tb)
         hint = "fix the scoring script; its traceback is in the agent's log"
         failed = ScoreFailed(error, hint, traceback=tb)
-        failed.collected = _collected(header)  # the inputs a failing run() collected are data too
+        failed.collected = collected_records(header)  # the inputs a failing run() collected are data too
         raise failed
 
     def _release(self, w: WorkerProcess) -> None:

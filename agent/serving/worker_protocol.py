@@ -18,6 +18,7 @@ import math
 import os
 import select
 import time
+from collections.abc import Mapping
 from typing import Any
 
 #: A response larger than this is refused (and the worker recycled): a bug in run() must not make
@@ -111,3 +112,12 @@ class FramePipe:
         if not isinstance(header, dict):
             raise ProtocolError("header is not a JSON object")
         return header, bytes(memoryview(frame)[nl + 1 :])
+
+
+def collected_records(header: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
+    """The data-collection records a response header carries; anything malformed is dropped (they
+    are telemetry, and must never turn a good answer into an error)."""
+    records = header.get("collected")
+    if not isinstance(records, list):
+        return ()
+    return tuple(r for r in records if isinstance(r, dict))

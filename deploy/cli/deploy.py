@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deploy import bundle
+from deploy import bundle, collection
 from deploy.cli._common import (
     EXIT_FAILED,
     EXIT_HELD,
@@ -46,6 +46,13 @@ def add_parser(sub: Subparsers) -> None:
         type=Path,
         metavar="FILE.json",
         help="the manifests' runtime and data_collection sections (docs/manifest.md)",
+    )
+    dc.add_argument(
+        "--data-collection",
+        type=Path,
+        metavar="FILE.yaml|json",
+        help="Azure ML's data_collector (a deployment YAML or its data_collector block): collections, "
+        "sampling and rolling rate, into the manifests' data_collection (docs/monitoring.md)",
     )
     dc.add_argument(
         "--no-wait", action="store_true", help="create it and return; `edge-deploy serve` drives it"
@@ -190,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
                     "--sections holds only runtime and data_collection",
                     'write {"runtime": {...}, "data_collection": {...}} (docs/manifest.md)',
                 )
+            if args.data_collection is not None:
+                sections = collection.merge(sections, collection.load(args.data_collection))
             query = parse_tags(args.tag_query.split(","), "tag query") if args.tag_query else {}
             if args.dry_run:
                 out(args, cp.plan_deployment(image, args.device, query, _policy(args)))

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deploy import bundle, signer
+from deploy import bundle, collection, signer
 from edge_core import manifest as mf
 from edge_core import strictjson
 from edge_core.errors import ControlPlaneError, ErrorCode, ManifestRefused
@@ -79,6 +79,12 @@ def add_parser(sub: Subparsers) -> None:
     mc.add_argument("--generation", type=int)
     mc.add_argument("--deployment-id")
     mc.add_argument("--valid-for", type=_duration, default=timedelta(days=7))
+    mc.add_argument(
+        "--data-collection",
+        type=Path,
+        metavar="FILE.yaml|json",
+        help="Azure ML's data_collector (a deployment YAML or its data_collector block)",
+    )
     ms = man.add_parser("sign", help="sign a manifest (JSON file or - for stdin) into an envelope")
     ms.add_argument("manifest")
     ms.add_argument("--key", type=Path, required=True)
@@ -110,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
             deployment_id=args.deployment_id,
             valid_for=args.valid_for,
         )
+        if args.data_collection is not None:
+            doc["data_collection"] = collection.load(args.data_collection)
         print(json.dumps(doc, indent=2))
         return 0
     if args.cmd == "sign":
