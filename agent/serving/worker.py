@@ -3,6 +3,7 @@
     pool = WorkerPool(image_dir, python=ensure_image_env(...), size=2, timeout_s=30.0)
     pool.start()                  # spawns the workers, waits for init(); raises ScoreInitFailed
     body = pool.run(raw_body)     # from any number of threads; raises ScoringError(http_status)
+    res = pool.score(HttpRequest("GET", "/score", "a=1", headers))  # any request; status, headers, body
     pool.stop()
 
 Each worker runs ``agent/serving/worker_child.py`` (see there for the protocol: length-prefixed frames on
@@ -11,7 +12,9 @@ the child's stdin/stdout; :mod:`agent.serving.worker_protocol` is the parent's s
 user's code does cannot take the agent down:
 
 - ``run()`` raises: the worker answers with the exception, the pool raises :class:`ScoreFailed`
-  (HTTP 500) and the worker keeps serving.
+  (HTTP 500) and the worker keeps serving. A request that cannot be run()'s arguments is
+  :class:`ScoreRefused` (400, 405 or 415, Azure ML's message); a result that cannot be sent is
+  :class:`ResultUnsendable` (500).
 - ``run()`` hangs: after ``timeout_s`` the worker is SIGKILLed (with its process group, so its own
   subprocesses go too), :class:`ScoreTimeout` (504), a new worker starts in the background.
 - the worker dies (segfault, ``os._exit``, the OOM killer): :class:`WorkerUnavailable` (503) for
@@ -38,6 +41,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from agent.serving.worker_child import PARENT_PID_ENV
 from agent.serving.worker_process import Forker, PoolClosed, WorkerProcess
@@ -45,6 +49,7 @@ from agent.serving.worker_protocol import (
     MAX_RESPONSE_BYTES,
     FrameTimeout,
     FrameTooLarge,
+    HttpRequest,
     ProtocolError,
     WorkerGone,
 )
@@ -70,7 +75,10 @@ __all__ = [
     "BACKOFF_MAX_S",
     "CHILD_SCRIPT",
     "MAX_RESPONSE_BYTES",
+    "HttpRequest",
     "PoolStats",
+    "ResultUnsendable",
+    "ScoreRefused",
     "ScoreResult",
     "WorkerPool",
 ]
@@ -81,12 +89,32 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ScoreResult:
-    """run()'s answer. ``status``/``content_type`` differ from 200/JSON only when run() returned
-    an HTTP response object (Azure ML's ``AMLResponse``)."""
+    """run()'s answer as Azure ML's server sends it. ``status`` and the content type differ from 200
+    and JSON only when run() returned an HTTP response object (``AMLResponse``). ``headers`` are
+    the response's own (``Content-Type``, ``x-ms-run-function-failed``, ``x-ms-run-fn-exec-ms`` and
+    what an ``AMLResponse`` added), in order, repeated names included."""
 
     body: bytes
     status: int = 200
-    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
+
+    @property
+    def content_type(self) -> str:
+        return next((v for k, v in self.headers if k.lower() == "content-type"), "application/json")
+
+
+class ScoreRefused(ScoreBadInput):
+    """The request cannot be run()'s arguments, so run() was not called: a body that is not UTF-8,
+    not JSON or not an object for a decorated run(), a missing parameter (400), a content type that
+    is not JSON (415), a method run() does not take (405). The message is Azure ML's."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message, "send the request as the scoring script expects it (see /swagger.json)")
+        self.http_status = status
+
+
+class ResultUnsendable(ScoreFailed):
+    """run() returned, but what it returned cannot be sent (e.g. ``bytes`` outside an AMLResponse)."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +200,10 @@ class WorkerPool:
         self._forker: Forker | None = None
         self._respawners: set[threading.Thread] = set()
         self._requests = self._errors = self._restarts = self._timeouts = self._crashes = 0
+        #: How the workers call run() (``plain``, ``schema``, ``rawhttp``) and what /swagger.json is
+        #: made of: from the first worker's ready message (every worker runs the same script).
+        self.mode = "plain"
+        self.swagger: dict[str, Any] | None = None
 
     def __enter__(self) -> WorkerPool:
         self.start()
@@ -220,13 +252,16 @@ class WorkerPool:
         )
 
     def run(self, raw: bytes) -> bytes:
-        """Call ``run(raw_data)`` in an idle worker; the response body, as Azure ML would send it."""
+        """POST ``raw`` (as JSON) to run() in an idle worker; the response body, as Azure ML would send it."""
         return self.score(raw).body
 
-    def score(self, raw: bytes) -> ScoreResult:
-        """Like :meth:`run`, with the status and content type of an ``AMLResponse`` if run() returned one."""
+    def score(self, request: bytes | HttpRequest) -> ScoreResult:
+        """Like :meth:`run` for any HTTP request (a bare body is a POST of JSON), with the status and
+        headers of the answer."""
+        if isinstance(request, bytes):
+            request = HttpRequest(body=request)
         try:
-            return self._score(raw)
+            return self._score(request)
         except ScoringError:
             with self._lock:
                 self._errors += 1
@@ -354,10 +389,11 @@ class WorkerPool:
         self._idle.append(w)
         self._cond.notify()
 
-    def _score(self, raw: bytes) -> ScoreResult:
+    def _score(self, request: HttpRequest) -> ScoreResult:
+        head = request.head()
         w = self._acquire(time.monotonic() + self.timeout_s)
         try:
-            w.pipe.send(raw, time.monotonic() + self.timeout_s)
+            w.pipe.send(request.body, time.monotonic() + self.timeout_s, head)
             header, body = w.pipe.recv(time.monotonic() + self.timeout_s)
         except FrameTimeout:
             self._retire(w, "timeout")
@@ -383,14 +419,31 @@ class WorkerPool:
             raise
         self._release(w)
         if header.get("ok"):
+            headers = header.get("headers")
             return ScoreResult(
-                body, int(header.get("status") or 200), str(header.get("content_type") or "application/json")
+                body,
+                int(header.get("status") or 200),
+                tuple((str(k), str(v)) for k, v in headers) if isinstance(headers, list) else (),
             )
         error = str(header.get("error") or "run() failed")
-        if header.get("kind") == "bad_input":
-            raise ScoreBadInput(error, "send the request body as UTF-8 text")
+        kind = header.get("kind")
+        if kind == "input":
+            raise ScoreRefused(int(header.get("status") or 400), error)
         tb = header.get("traceback")
-        log.warning("worker.run_failed", image=self._label, slot=w.slot, pid=w.pid, error=error, traceback=tb)
+        log.warning(
+            "worker.run_failed",
+            image=self._label,
+            slot=w.slot,
+            pid=w.pid,
+            kind=kind,
+            error=error,
+            traceback=tb,
+        )
+        if kind == "internal":
+            raise ResultUnsendable(
+                error,
+                "return JSON-serialisable values or an AMLResponse; the traceback is in the agent's log",
+            )
         raise ScoreFailed(error, "fix the scoring script; its traceback is in the agent's log", traceback=tb)
 
     def _release(self, w: WorkerProcess) -> None:
@@ -471,7 +524,18 @@ class WorkerPool:
                 f"{self.entry_script}: {header.get('error') or 'init() failed'}",
                 str(header.get("traceback") or "") or None,
             )
-        log.info("worker.ready", image=self._label, slot=w.slot, pid=w.pid, init_ms=header.get("init_ms"))
+        with self._lock:
+            self.mode = str(header.get("mode") or "plain")
+            swagger = header.get("swagger")
+            self.swagger = swagger if isinstance(swagger, dict) else None
+        log.info(
+            "worker.ready",
+            image=self._label,
+            slot=w.slot,
+            pid=w.pid,
+            init_ms=header.get("init_ms"),
+            mode=self.mode,
+        )
 
     def _make_idle_locked(self, w: WorkerProcess) -> None:
         if w.state == "starting":

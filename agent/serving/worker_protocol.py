@@ -1,9 +1,11 @@
 """The parent's side of the frame protocol with a score.py worker (``worker_child.py`` has the child's).
 
-Every message is a frame: a 4-byte big-endian length, then that many bytes. The parent sends the raw
-request body; the child answers with a JSON header line, ``\\n``, then the response body. The child
-runs under an image's interpreter that may not see the ``agent`` package, so the two sides cannot
-share this module: ``worker_child.py`` describes the protocol in full and must agree with this one.
+Every message is a frame: a 4-byte big-endian length, then that many bytes: a JSON header line,
+``\\n``, then a body of raw bytes, both ways. The parent sends the HTTP request (:class:`HttpRequest`:
+method, path, query string and headers in the header, the request body after it); the child
+answers with status and headers, then the response body. The child runs under an image's
+interpreter that may not see the ``agent`` package, so the two sides cannot share this module:
+``worker_child.py`` describes the protocol in full and must agree with this one.
 
 Failures are exceptions the pool maps to HTTP errors: :class:`FrameTimeout` (the deadline passed),
 :class:`WorkerGone` (the pipes closed: the worker died), :class:`FrameTooLarge` and
@@ -18,6 +20,7 @@ import math
 import os
 import select
 import time
+from dataclasses import dataclass
 from typing import Any
 
 #: A response larger than this is refused (and the worker recycled): a bug in run() must not make
@@ -48,6 +51,35 @@ class FrameTooLarge(Exception):
         self.size = size
 
 
+@dataclass(frozen=True)
+class HttpRequest:
+    """What the child needs of an HTTP request to call run() as Azure ML's server would. ``query``
+    is the raw query string (percent-encoded); header names are lower case (as uvicorn gives them),
+    values latin-1 text; ``client`` and ``server`` are addresses as text (for ``AMLRequest``)."""
+
+    method: str = "POST"
+    path: str = "/score"
+    query: str = ""
+    headers: tuple[tuple[str, str], ...] = (("content-type", "application/json"),)
+    body: bytes = b""
+    scheme: str = "http"
+    client: str | None = None
+    server: tuple[str, int | None] | None = None
+
+    def head(self) -> bytes:
+        """The frame's JSON header line, ``\\n`` included; the body follows it."""
+        doc = {
+            "method": self.method,
+            "path": self.path,
+            "query": self.query,
+            "headers": self.headers,
+            "scheme": self.scheme,
+            "client": self.client,
+            "server": self.server,
+        }
+        return json.dumps(doc, ensure_ascii=True).encode() + b"\n"
+
+
 class FramePipe:
     """Frames over a worker's stdin (``in_fd``) and stdout (``out_fd``), each call bounded by a
     deadline. Not thread-safe: one owner at a time (see
@@ -68,9 +100,10 @@ class FramePipe:
         if remaining <= 0 or not poller.poll(math.ceil(remaining * 1000)):
             raise FrameTimeout
 
-    def send(self, data: bytes, deadline: float) -> None:
-        head = len(data).to_bytes(LEN_SIZE, "big")
-        for chunk in (head + data,) if len(data) <= _ONE_WRITE_MAX else (head, data):
+    def send(self, data: bytes, deadline: float, head: bytes = b"") -> None:
+        """One frame: ``head`` then ``data`` (a large ``data`` is written without being copied)."""
+        prefix = (len(head) + len(data)).to_bytes(LEN_SIZE, "big") + head
+        for chunk in (prefix + data,) if len(data) <= _ONE_WRITE_MAX else (prefix, data):
             view = memoryview(chunk)
             while view:
                 try:
