@@ -295,8 +295,10 @@ class ScoringApp:
                 await _reply(send, 200 if ready else 503, {"name": name, "ready": ready})
             else:
                 await _reply(send, 404, {"error": f"no route for GET {path}", "code": "not_found"})
-        else:
+        elif path.startswith("/v2"):
             await _reply(send, 404, {"error": f"no route for GET {path}", "code": "not_found"})
+        else:
+            await _error(send, path, 404, azureml.NOT_FOUND, "not_found")
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -44,6 +44,9 @@ def run(request: AMLRequest) -> object:
         return AMLResponse(None, 202)
     if mode == "raise":
         raise RuntimeError("rawhttp run() failed")
+    if mode == "form":
+        files = {k: [f.filename, f.content_type, len(f.read())] for k, f in request.files.items()}
+        return {"form": request.form.to_dict(), "files": files, "values": request.values.to_dict(flat=False)}
     if mode == "dict":
         return {"length": len(request.get_data()), "json": request.is_json}
     body = request.get_json()

@@ -27,7 +27,7 @@ def init() -> None:
     "GlobalParameters", StandardPythonParameterType({"method": method_sample}), convert_to_provided_type=False
 )
 @output_schema(output_sample)
-def run(Inputs: dict[str, np.ndarray], GlobalParameters: dict[str, str] = {"method": "predict"}) -> object:  # noqa: B006, N803
+def run(Inputs: dict[str, np.ndarray], GlobalParameters: dict[str, str] = {"method": "predict"}) -> object:  # noqa: B006
     assert session is not None
     y = session.run(None, {"x": Inputs["data"]})[0]
     if GlobalParameters.get("method") == "argmax":
