@@ -18,6 +18,7 @@ agent-only checks at the end still run.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -36,7 +37,7 @@ import pytest
 from deploy.bundle import build_image
 from edge_core.errors import BuildError
 from simulators import models
-from simulators.rig import AgentProcess, Rig
+from simulators.rig import AgentProcess, Rig, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).with_name("azureml_scripts")
@@ -304,7 +305,7 @@ class World:
         self.peer: Peer | None = None
         self.api = ""
 
-    def deploy(self, script: str | None) -> str:
+    def deploy(self, script: str | None, **manifest: Any) -> str:
         """Deploy ``script`` (None: an image without score.py) to the agent; its API's URL."""
         self.generation += 1
         name = f"aml-{(script or 'model').replace('_', '-')}"
@@ -312,7 +313,7 @@ class World:
         wheels = sorted(IMAGE_WHEELS.glob("*.whl")) if script in SCHEMA_SCRIPTS else []
         score = SCRIPTS / f"{script}.py" if script else None
         build_image(out, name, str(self.generation), {"mlp": self.model}, score=score, wheels=wheels)
-        self.rig.deploy(DEV, self.rig.manifest(DEV, out, self.generation))
+        self.rig.deploy(DEV, self.rig.manifest(DEV, out, self.generation, **manifest))
         status = self.rig.wait_active(DEV, self.generation, timeout=120)
         self.api = str(status["runtime"]["api"])
         return self.api
@@ -338,7 +339,13 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with Rig(tmp_path_factory.mktemp("aml")) as rig:
-        agent = rig.add_device(DEV, {"runtime": {"workers": 1, "request_timeout": 20}}).start()
+        outbox = rig.workdir / "outbox"  # where captured requests are uploaded (a local blob store)
+        outbox.mkdir()
+        agent = rig.add_device(DEV, {
+            "runtime": {"workers": 1, "request_timeout": 20},
+            "telemetry": {"interval": 0.5, "flush_interval": 0.05},
+            "sync": {"url": outbox.as_uri(), "interval": 0.3, "max_batch_age": 0.5, "batch_max_records": 50},
+        }).start()  # fmt: skip
         models_dir = rig.workdir / "models"
         model = models.mlp(models_dir / "mlp.onnx", sizes=(4, 8, 3))
         w = World(rig, agent, model)
@@ -465,10 +472,13 @@ def test_score_without_score_py_speaks_azure_ml(world: World) -> None:
     """An image without score.py: /score takes ``{"data": ...}`` by POST or as a GET's query
     parameters, with Azure ML's headers and error shape; /v2 keeps its own."""
     world.script = None  # the next side-by-side case deploys its script again
-    with httpx.Client(base_url=world.deploy(None), timeout=30) as c:
+    capture = {"enabled": True, "sample_rate": 1.0, "capture": "both"}
+    with httpx.Client(base_url=world.deploy(None, data_collection=capture), timeout=30) as c:
         post = c.post("/score", json={"data": X1}, headers={"x-ms-client-request-id": "cli"})
         assert post.status_code == 200 and set(post.json()) == {"y"}, post.text
         assert post.headers["x-ms-client-request-id"] == post.headers["x-ms-request-id"] == "cli"
+        given = c.post("/score", json={"data": X2}, headers={"x-request-id": "given-1"})
+        assert given.headers["x-request-id"] == "given-1"
         assert post.headers["x-ms-run-function-failed"] == "False"
         assert float(post.headers["x-ms-run-fn-exec-ms"]) >= 0
         get = c.get("/score", params={"data": json.dumps(X1)})
@@ -481,9 +491,19 @@ def test_score_without_score_py_speaks_azure_ml(world: World) -> None:
         doc = c.get("/swagger.json").json()
         assert doc["swagger"] == "2.0" and doc["info"]["title"] == "aml-model"
         # /v2 keeps the Open Inference Protocol's error shape
-        v2 = c.post("/v2/models/mlp/infer", content=b"{")
+        v2 = c.post("/v2/models/mlp/infer", json={"inputs": "not a list"})
         assert v2.status_code == 400 and set(v2.json()) == {"error", "code"}
         assert c.get("/v2/nope").json()["code"] == "not_found"
+    # The capture records carry the request id the client got back, generated or given.
+    want = {post.headers["x-request-id"], given.headers["x-request-id"]}
+
+    def captured() -> set[str]:
+        ids = set()
+        for p in (world.rig.workdir / "outbox").glob(f"{DEV}/capture/*/*/*/*.jsonl.gz"):
+            ids |= {json.loads(line)["request_id"] for line in gzip.decompress(p.read_bytes()).splitlines()}
+        return ids
+
+    assert wait_until(lambda: want <= captured(), timeout=30), (want, captured())
 
 
 def test_image_build_requires_the_inference_schema_wheel(tmp_path: Path) -> None:

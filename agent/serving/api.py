@@ -261,7 +261,7 @@ class ScoringApp:
             status=status,
             body=body,
             out=out,
-            raw=img.worker is not None,
+            raw=img.worker is not None or api == "score",  # /score bodies are not checked JSON
         )
         await _raw(send, status, out, headers if rid and headers else [(b"x-request-id", rid.encode())])
 
