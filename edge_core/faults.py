@@ -9,12 +9,12 @@ is what systemd's watchdog exists to catch.
 
 Points are the deployer's states (``state:<name>``, reached right after the transition into that
 state was persisted and reported), a few steps inside install and activation
-(``installing.before_rename``, ``installing.after_rename``, ``activating.before_switch``, ``activating.after_switch``) and
-``main.tick``, the start of every tick of the daemon's main loop (the one that sends the watchdog
-pings), ``api.request``, every request on the scoring API's event loop, and ``telemetry.loop``, each
-round of the heartbeat thread, outside its own error guard (a failure there kills the thread). The
-variables are read once at import; unset, :func:`point` is a single comparison. (They are not
-``EDGE_AGENT_*``: that prefix is the agent's configuration.)
+(``installing.before_rename``, ``installing.after_rename``, ``activating.before_switch``,
+``activating.after_switch``), ``main.tick``, the start of every tick of the daemon's main loop (the
+one that sends the watchdog pings), ``api.request``, every request on the scoring API's event loop,
+and ``telemetry.loop``, each round of the heartbeat thread, outside its own error guard (a failure
+there kills the thread). The variables are read once at import; unset, :func:`point` is a single
+comparison. (They are not ``EDGE_AGENT_*``: that prefix is the agent's configuration.)
 """
 
 from __future__ import annotations
