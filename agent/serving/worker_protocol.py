@@ -15,13 +15,14 @@ keep serving).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import select
 import time
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 #: A response larger than this is refused (and the worker recycled): a bug in run() must not make
 #: the agent allocate gigabytes.
@@ -77,7 +78,7 @@ class HttpRequest:
             "client": self.client,
             "server": self.server,
         }
-        return json.dumps(doc, ensure_ascii=True).encode() + b"\n"
+        return orjson.dumps(doc) + b"\n"  # orjson escapes control characters: one line
 
 
 class FramePipe:
@@ -138,8 +139,8 @@ class FramePipe:
         if nl < 0:
             raise ProtocolError("frame without a header line")
         try:
-            header = json.loads(bytes(frame[:nl]))
-        except ValueError as exc:
+            header = orjson.loads(memoryview(frame)[:nl])
+        except orjson.JSONDecodeError as exc:
             raise ProtocolError(f"header is not JSON: {exc}") from None
         if not isinstance(header, dict):
             raise ProtocolError("header is not a JSON object")
