@@ -68,6 +68,22 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*; touch "$stamp"
 fi
 
+# Microsoft's Azure ML inference server, pinned, in a venv of its own: tests/test_azureml_compat.py
+# runs the same score.py files under it and under the agent and compares the answers. Its Flask,
+# gunicorn and pydantic stay out of .venv, so the agent cannot come to depend on them by accident.
+# image-wheels/ holds inference-schema and its dependencies as wheels for the agent's interpreter:
+# the images of that test ship them (a device installs an image's wheels offline, --no-deps).
+AML_PINS="azureml-inference-server-http==1.5.1 inference-schema==1.8 onnxruntime numpy"
+aml_stamp=.venv-azureml/.installed-$(echo "$AML_PINS" | sha256sum | cut -c1-16)
+if [ ! -f "$aml_stamp" ]; then
+  [ -x .venv-azureml/bin/python ] || "$PY" -m venv .venv-azureml
+  # shellcheck disable=SC2086
+  .venv-azureml/bin/python -m pip install -q $AML_PINS
+  rm -rf .venv-azureml/image-wheels
+  .venv/bin/python -m pip download -q --only-binary :all: -d .venv-azureml/image-wheels inference-schema==1.8
+  rm -f .venv-azureml/.installed-*; touch "$aml_stamp"
+fi
+
 if [ -f package-lock.json ]; then
   node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
   [ "$node_major" -ge 20 ] || echo "warning: Node.js $node_major is older than 20; Azurite (blob-storage tests) may not run" >&2

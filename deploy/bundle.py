@@ -43,6 +43,10 @@ VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 #: ``{distribution}-{version}(-{build})?-{python}-{abi}-{platform}.whl`` (the wheel file name spec).
 WHEEL_RE = re.compile(r"(?P<dist>[A-Za-z0-9._]+)-[A-Za-z0-9._+!]+(-[A-Za-z0-9._]+){3,4}\.whl")
 _RESERVED = {BUNDLE_METADATA, ENTRY_SCRIPT, MODELS_DIR, WHEELS_DIR}
+#: Modules Azure ML's inference server brings along that the agent does not: a script importing
+#: one needs the image to ship its wheel (module -> distribution, and the pip line to fetch it).
+#: ``azureml.contrib.services`` is not here: the agent provides it (agent/serving/azureml_shim).
+SERVER_PROVIDED = {"inference_schema": ("inference-schema", "inference-schema==1.8")}
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,33 @@ def _check_python(path: Path, what: str, entry: bool) -> None:
             )
 
 
+def imported_modules(path: Path) -> set[str]:
+    """The top-level names of the modules a script imports, anywhere in it (absolute imports)."""
+    tree = ast.parse(path.read_bytes(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def _check_server_provided(scripts: Sequence[Path], dists: Mapping[str, Path]) -> None:
+    """A script that imports what Azure ML's server installs (inference_schema) fails its init() on
+    the device unless the image ships the wheel: said here, with how to get the wheels."""
+    for path in scripts:
+        for module in sorted(imported_modules(path) & set(SERVER_PROVIDED)):
+            dist, pin = SERVER_PROVIDED[module]
+            if dist not in dists:
+                raise BuildError(
+                    f"{path}: imports {module}, which Azure ML's inference server installs but the "
+                    f"device does not: add its wheel and its dependencies' with --wheel (fetch them "
+                    f"for the device's Python and platform with `pip download --only-binary :all: "
+                    f"-d wheels/ {pin}`, then pass each wheels/*.whl)"
+                )
+
+
 # --- models --------------------------------------------------------------------------------------
 
 
@@ -420,6 +451,9 @@ def build_image(
             raise BuildError(f"wheel {path}: not a zip archive")
         dists[dist] = path
         files[f"{WHEELS_DIR}/{path.name}"] = path
+
+    if score is not None:
+        _check_server_provided([score, *(p for p in include if p.suffix == ".py")], dists)
 
     tag_map = dict(tags or {})
     for key, value in tag_map.items():

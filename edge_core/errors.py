@@ -18,7 +18,9 @@ paho, tarfile, cryptography) are translated into this tree at the boundary where
     │       └── ScoreInitFailed  score.py's import or init() failed in its workers
     ├── ScoringError             a score.py request could not be answered (``http_status``)
     │   ├── ScoreFailed          run() raised or returned what cannot be sent (500)
+    │   │   └── ResultUnsendable what run() returned cannot be sent (500)
     │   ├── ScoreBadInput        the body cannot be run()'s input (400)
+    │   │   └── ScoreRefused     nor its arguments (400, 405, 415; Azure ML's message)
     │   ├── ScoreTimeout         run() took too long (504)
     │   └── WorkerUnavailable    no worker could take it (503)
     ├── RequestRefused           a tensor request refused by the scoring API (``status``)
@@ -268,6 +270,20 @@ class ScoreBadInput(ScoringError):
 class ScoreTimeout(ScoringError):
     http_status = 504
     error_code = ErrorCode.SCORE_TIMEOUT
+
+
+class ScoreRefused(ScoreBadInput):
+    """The request cannot be run()'s arguments, so run() was not called: a body that is not UTF-8,
+    not JSON or not an object for a decorated run(), a missing parameter (400), a content type that
+    is not JSON (415), a method run() does not take (405). The message is Azure ML's."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message, "send the request as the scoring script expects it (see /swagger.json)")
+        self.http_status = status
+
+
+class ResultUnsendable(ScoreFailed):
+    """run() returned, but what it returned cannot be sent (e.g. ``bytes`` outside an AMLResponse)."""
 
 
 class WorkerUnavailable(ScoringError):

@@ -132,11 +132,17 @@ def test_user_code_failures_are_contained(env: Env, body: dict[str, Any], status
     t0 = time.monotonic()
     r = env.client.post("/score", json=body)
     assert r.status_code == status, r.text
-    assert r.json()["code"] == code and r.json()["error"]
+    assert r.json()["code"] == code and r.json()["message"]
+    assert r.headers["x-ms-run-function-failed"] == "True"  # Azure ML's flag for a failed run()
     if code == "score_timeout":
         assert time.monotonic() - t0 < 10  # the request timeout is 1.5 s
-    if code == "score_failed" and body.get("mode") == "raise":
-        assert "the caller asked for an error" in r.json()["error"]
+        assert r.json()["message"] == "Scoring timeout after 1500 ms"
+    if code == "score_failed":
+        # Azure ML's words to the client; the exception and its traceback are in the agent's log
+        assert r.json()["message"].startswith("An unexpected error occurred in scoring script.")
+        if body.get("mode") == "raise":
+            assert "the caller asked for an error" not in r.text
+            assert "the caller asked for an error" in env.agent.log_text()
     assert env.agent.running
     deadline = time.monotonic() + 20  # a killed worker is replaced; meanwhile the API answers 503
     while True:

@@ -563,3 +563,65 @@ def test_requests_are_served_first_come_first_served(
     for t in threads:
         t.join()
     assert min(counts) > 0.5 * max(counts), counts  # unfair hand-off gave shares like 977 / 15012
+
+
+RAW_SCORE = """
+    from azureml.contrib.services import aml_request
+    from azureml.contrib.services.aml_request import rawhttp
+    from azureml.contrib.services.aml_response import AMLResponse
+
+    def init():
+        pass
+
+    @rawhttp
+    def run(request):
+        body = {"module": aml_request.__file__, "method": request.method, "args": request.args.to_dict(),
+                "header": request.headers.get("x-thing"), "data": request.get_data(as_text=True)}
+        import json
+        return AMLResponse(json.dumps(body), 207, {"Content-Type": "application/json", "X-Two": "a, b"})
+"""
+
+
+def test_rawhttp_gets_the_request_from_the_agents_azureml_modules(
+    tmp_path: Path, pools: Callable[..., WorkerPool]
+) -> None:
+    """Without Azure's packages, ``azureml.contrib.services`` is the agent's (standard library only)."""
+    from agent.serving.worker_protocol import HttpRequest
+
+    pool = pools(make_image(tmp_path, RAW_SCORE))
+    assert pool.mode == "rawhttp"
+    req = HttpRequest("PATCH", "/score", "a=1&a=2", (("x-thing", "yes"),), b"\xc3\xa9")
+    res = pool.score(req)
+    doc = json.loads(res.body)
+    assert res.status == 207 and res.content_type == "application/json"
+    assert doc["module"].endswith("agent/serving/azureml_shim/azureml/contrib/services/aml_request.py")
+    assert doc == {**doc, "method": "PATCH", "args": {"a": "1"}, "header": "yes", "data": "\u00e9"}
+    assert [v for k, v in res.headers if k == "X-Two"] == ["a", "b"]
+    assert ("x-ms-run-function-failed", "False") in res.headers
+
+
+def test_an_image_that_ships_azureml_contrib_services_gets_its_own(
+    tmp_path: Path, pools: Callable[..., WorkerPool]
+) -> None:
+    """The agent's modules come last on sys.path, as namespace portions: the image's own package wins
+    (here at the image's root; a wheel's site-packages comes before the agent's modules too)."""
+    own = """
+        _rawHttpRequested = False
+        def rawhttp(func):
+            global _rawHttpRequested
+            _rawHttpRequested = True
+            return func
+    """
+    score = RAW_SCORE.replace("from azureml.contrib.services.aml_response import AMLResponse", "")
+    score = score[: score.index("        import json")] + "        return body\n"
+    files = {"azureml/contrib/services/aml_request.py": own}
+    files |= {f"{d}/__init__.py": "" for d in ("azureml", "azureml/contrib", "azureml/contrib/services")}
+    image = make_image(tmp_path, score)
+    for name, text in files.items():
+        (image / name).parent.mkdir(parents=True, exist_ok=True)
+        (image / name).write_text(textwrap.dedent(text))
+    pool = pools(image)
+    assert pool.mode == "rawhttp"  # its rawhttp's flag is the one read
+    doc = json.loads(pool.run(b"{}"))
+    assert doc["module"] == str(image / "azureml" / "contrib" / "services" / "aml_request.py")
+    assert doc["method"] == "POST"  # and run() still gets the agent's request object

@@ -1,5 +1,6 @@
-"""The local scoring API: Azure ML's ``POST /score``, the Open Inference Protocol v2 (KServe /
-Triton) and Prometheus ``/metrics``, on loopback or a Unix socket.
+"""The local scoring API: Azure ML's ``/score`` (with its ``/`` liveness and ``/swagger.json``, as
+Azure ML's inference server answers them: :mod:`agent.serving.azureml`), the Open Inference Protocol
+v2 (KServe / Triton) and Prometheus ``/metrics``, on loopback or a Unix socket.
 
 Served by uvicorn (httptools parser, uvloop) with a bare ASGI callable: no framework between the
 parser and the model. Inference of a model without score.py runs on the event loop itself when the
@@ -18,6 +19,7 @@ import socket
 import ssl
 import threading
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ import orjson
 import uvicorn
 
 from agent import __version__
+from agent.serving import azureml
 from agent.serving.runtime import LoadedImage, Runtime
 from agent.serving.scoring import BinaryReply, Scorer, model_config
 from agent.telemetry.capture import Capturer
@@ -48,6 +51,8 @@ _JSON = [(b"content-type", b"application/json")]
 #: A response up to this size goes out in one write (one copy of the tensors is cheaper than several
 #: sends); above it, each binary output is written from its array's own buffer.
 _COALESCE_MAX = 64 * 1024
+#: Probes need no token: the v2 health checks and Azure ML's liveness route (it answers ``Healthy``).
+_OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/"})
 
 
 class ScoringApp:
@@ -85,36 +90,30 @@ class ScoringApp:
         except Exception as exc:  # a bug must still answer JSON, and must not kill the connection loop
             log.error("api.internal_error", exc_info=True, path=scope.get("path"))
             if not started:
-                await _reply(
-                    send, 500, {"error": f"internal error: {type(exc).__name__}", "code": "internal_error"}
+                await _error(
+                    send, scope["path"], 500, f"internal error: {type(exc).__name__}", "internal_error"
                 )
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         faults.point("api.request")  # on the event loop: a hang here blocks the whole API
         path: str = scope["path"]
         method: str = scope["method"]
-        if (
-            self.token is not None
-            and path not in ("/v2/health/live", "/v2/health/ready")
-            and not self._authorized(scope)
-        ):
-            await _reply(
+        if self.token is not None and path not in _OPEN_PATHS and not self._authorized(scope):
+            await _error(
                 send,
+                path,
                 401,
-                {"error": "missing or wrong bearer token", "code": "unauthorized"},
+                "missing or wrong bearer token",
+                "unauthorized",
                 [(b"www-authenticate", b"Bearer")],
             )
             return
-        if method == "POST":
+        if method == "POST" or path == "/score":
             body = await _read_body(receive, self.max_body)
             if body is None:
                 self.metrics.rejected("too_large")
-                await _reply(
-                    send,
-                    413,
-                    {"error": f"request body is larger than {self.max_body} bytes", "code": "body_too_large"},
-                    close=True,
-                )
+                msg = f"request body is larger than {self.max_body} bytes"
+                await _error(send, path, 413, msg, "body_too_large", close=True)
                 return
             if path == "/score":
                 await self._score(scope, send, body)
@@ -125,8 +124,14 @@ class ScoringApp:
                 if len(parts) in (5, 7):
                     await self._infer(scope, send, parts[3], body, parts[5] if len(parts) == 7 else None)
                     return
-        elif method in ("GET", "HEAD"):
+        if path in azureml.ROUTE_METHODS:
+            await self._azureml_route(scope, send, path, method)
+            return
+        if method in ("GET", "HEAD"):
             await self._get(send, path)
+            return
+        if not path.startswith("/v2"):  # Flask's routing, as Azure ML's server answers: 404 for any method
+            await _error(send, path, 404, azureml.NOT_FOUND, "not_found")
             return
         await _reply(
             send,
@@ -147,15 +152,72 @@ class ScoringApp:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
     async def _score(self, scope: Scope, send: Send, body: bytes) -> None:
+        if scope["method"] not in azureml.SCORE_METHODS:
+            await _error(send, "/score", 405, azureml.METHOD_NOT_ALLOWED, "not_found")
+            return
+        try:
+            ids = azureml.request_ids(scope["headers"])
+        except azureml.IdTooLong as exc:
+            await _error(send, "/score", 431, exc.message, "bad_request", exc.ids.headers())
+            return
         img = self.runtime.current
         if img is None:
-            await _reply(send, 503, {"error": "no image is active on this device", "code": "no_image"})
+            await _error(send, "/score", 503, "no image is active on this device", "no_image", ids.headers())
             return
+        req = azureml.http_request(scope, body)
         collected: list[dict[str, Any]] = []  # filled by the worker thread before fn returns
-        fn = lambda: self.scorer.score(img, body, collected)  # noqa: E731
+        # run()'s own headers (content type, x-ms-*, an AMLResponse's) come back with its answer
+        headers: list[tuple[bytes, bytes]] = []
+
+        def fn() -> tuple[int, bytes]:
+            answer = self.scorer.score_request(img, req, collected)
+            headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers)
+            headers.extend(ids.headers())
+            return answer.status, answer.body
+
         await self._serve(
-            scope, send, img, "score", "score", fn, self.scorer.inline(img, None), body, collected
+            scope,
+            send,
+            img,
+            "score",
+            "score",
+            fn,
+            self.scorer.inline(img, None),
+            body,
+            ids.request_id,
+            headers,
+            collected,
         )
+
+    async def _azureml_route(self, scope: Scope, send: Send, path: str, method: str) -> None:
+        """``/`` (liveness) and ``/swagger.json``, as Azure ML's server answers them."""
+        if method not in azureml.ROUTE_METHODS[path]:
+            await _error(send, path, 405, azureml.METHOD_NOT_ALLOWED, "not_found")
+            return
+        try:
+            ids = azureml.request_ids(scope["headers"])
+        except azureml.IdTooLong as exc:
+            await _error(send, path, 431, exc.message, "bad_request", exc.ids.headers())
+            return
+        html = (b"content-type", azureml.TEXT_HTML.encode())
+        if method == "OPTIONS":  # Flask's automatic answer
+            await _raw(send, 200, b"", [html, (b"allow", b"GET, HEAD, OPTIONS"), *ids.headers()])
+        elif path == "/":
+            await _raw(send, 200, azureml.HEALTHY, [html, *ids.headers()])
+        else:
+            img = self.runtime.current
+            if img is None:
+                await _error(send, path, 503, "no image is active on this device", "no_image", ids.headers())
+                return
+            query = urllib.parse.parse_qs(
+                scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True
+            )
+            info = img.worker.swagger if img.worker is not None else None
+            status, doc = azureml.swagger(
+                query.get("version", [None])[0], info, img.dir, img.name, img.version
+            )
+            failed = (azureml.FAILED.encode(), b"False")
+            await _raw(send, status, doc, [*_JSON, failed, *ids.headers()])
 
     async def _infer(self, scope: Scope, send: Send, model: str, body: bytes, version: str | None) -> None:
         img = self.runtime.current
@@ -183,6 +245,8 @@ class ScoringApp:
         fn: Callable[[], tuple[int, Body]],
         inline: bool,
         body: bytes,
+        rid: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
         collected: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         img.acquire()  # the request finishes on the image it started on, even across a swap
@@ -197,9 +261,9 @@ class ScoringApp:
         captured = cap is not None and cap.sampled()
         col = img.collection
         if not captured and col is None:
-            await _raw(send, status, out)
+            await _raw(send, status, out, headers)
             return
-        rid = _header(scope, b"x-request-id") or Capturer.request_id()
+        rid = rid or _header(scope, b"x-request-id") or Capturer.request_id()
         ts = time.time()
         # records are JSON: a binary tensor exchange is recorded as its JSON equivalent
         rec_in, rec_out = out.as_json() if isinstance(out, BinaryReply) else (body, out)
@@ -215,11 +279,11 @@ class ScoringApp:
                 status=status,
                 body=rec_in,
                 out=rec_out,
-                raw=img.worker is not None,
+                raw=img.worker is not None or api == "score",  # /score bodies are not checked JSON
             )
         if col is not None:
             _collect(col, scope, rid, ts, rec_in, status, rec_out, collected)
-        await _raw(send, status, out, [(b"x-request-id", rid.encode())])
+        await _raw(send, status, out, headers if rid and headers else [(b"x-request-id", rid.encode())])
 
     async def _get(self, send: Send, path: str) -> None:
         img = self.runtime.current
@@ -263,10 +327,10 @@ class ScoringApp:
                 await _reply(send, 200, model_config(img, name))
             else:
                 await _reply(send, 404, {"error": f"no route for GET {path}", "code": "not_found"})
-        elif path == "/":
-            await _reply(send, 200, {"status": "ok", "image": img.describe() if img else None})
-        else:
+        elif path.startswith("/v2"):
             await _reply(send, 404, {"error": f"no route for GET {path}", "code": "not_found"})
+        else:
+            await _error(send, path, 404, azureml.NOT_FOUND, "not_found")
 
 
 def _collect(
@@ -325,11 +389,14 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
 
 
 async def _raw(send: Send, status: int, body: Body, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    """Send a whole answer: JSON unless ``extra`` has its own content type."""
+    extra = extra or []
     if isinstance(body, BinaryReply):
-        await _binary(send, status, body, extra or [])
+        await _binary(send, status, body, extra)
         return
+    typed = any(k.lower() == b"content-type" for k, _ in extra)
     # An explicit Content-Length spares uvicorn the chunked encoding of a body we already have whole.
-    headers = [*_JSON, (b"content-length", str(len(body)).encode()), *(extra or [])]
+    headers = [*([] if typed else _JSON), (b"content-length", str(len(body)).encode()), *extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -364,6 +431,27 @@ async def _reply(
 ) -> None:
     await _raw(
         send, status, orjson.dumps(doc), (extra or []) + ([(b"connection", b"close")] if close else [])
+    )
+
+
+async def _error(
+    send: Send,
+    path: str,
+    status: int,
+    message: str,
+    code: str,
+    extra: list[tuple[bytes, bytes]] | None = None,
+    close: bool = False,
+) -> None:
+    """An error in the shape the route's clients expect: the Open Inference Protocol's
+    ``{"error", "code"}`` under /v2, Azure ML's ``{"message", "code"}`` everywhere else."""
+    if path.startswith("/v2"):
+        await _reply(send, status, {"error": message, "code": code}, extra, close)
+        return
+    answer = azureml.error(status, message, code)
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers]
+    await _raw(
+        send, status, answer.body, headers + (extra or []) + ([(b"connection", b"close")] if close else [])
     )
 
 

@@ -1,9 +1,11 @@
 """Scoring, independent of HTTP: the API and the smoke test call the same functions, so an image
 that passes its smoke test has been exercised through the path that will serve it.
 
-Every function returns ``(http_status, json_bytes)``; errors are JSON ``{"error", "code"}`` with the
-status the Open Inference Protocol and Azure ML clients expect: 400 malformed input, 404 unknown
-model, 500 the scoring code raised, 503 no worker available, 504 the scoring code timed out.
+The v2 functions return ``(http_status, json_bytes)``, errors as JSON ``{"error", "code"}`` (the
+Open Inference Protocol's shape); /score returns an :class:`~agent.serving.azureml.Answer` with
+status, headers and body as Azure ML's inference server would send them, errors as
+``{"message", "code"}``: 400 malformed input, 404 unknown model, 500 the scoring code raised, 503
+no worker available, 504 the scoring code timed out.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from typing import Any
 import numpy as np
 import orjson
 
+from agent.serving import azureml
+from agent.serving.azureml import Answer
 from agent.serving.runtime import LoadedImage, Model, TensorSpec
+from agent.serving.worker_protocol import HttpRequest
 from edge_core.errors import ErrorCode, ModelLoadError, RequestRefused, ScoringError
 from edge_core.tensors import (
     V2_TO_CONFIG,
@@ -431,51 +436,70 @@ class Scorer:
     def score(
         self, img: LoadedImage, body: bytes, collected: list[dict[str, Any]] | None = None
     ) -> tuple[int, bytes]:
-        """score.py images: ``run(raw_data)`` in a worker. Without score.py: ``{"data": ...}`` goes to
-        the model's single input (or ``{"inputs": {name: ...}}`` to several) and the answer maps
-        each output name to its value. ``collected`` receives what score.py's Azure ML data
-        collectors collected during the request (the smoke test passes none: it is not traffic)."""
-        try:
-            if img.worker is not None:
-                return self._score_worker(img, body, collected)
-            if len(img.models) != 1:
-                raise _bad(
-                    "this image has no score.py and several models: use /v2/models/{name}/infer",
-                    ErrorCode.AMBIGUOUS_MODEL,
-                )
-            model = next(iter(img.models.values()))
-            req = _parse(body)
-            if isinstance(req, dict) and isinstance(req.get("inputs"), dict):
-                given = req["inputs"]
-            elif isinstance(req, dict) and "data" in req and len(model.inputs) == 1:
-                given = {model.inputs[0].name: req["data"]}
-            else:
-                raise _bad('expected {"data": [...]} (single-input model) or {"inputs": {"<name>": [...]}}')
-            specs = {s.name: s for s in model.inputs}
-            unknown = sorted(set(given) - set(specs))
-            if unknown or set(specs) - set(given):
-                raise _bad(
-                    f"inputs {sorted(given)} do not match the model's {sorted(specs)}",
-                    ErrorCode.UNKNOWN_INPUT,
-                )
-            feeds = {n: _tensor(specs[n], v, None, None) for n, v in given.items()}
-            outputs = self._timed(img, model, feeds)
-            return 200, orjson.dumps(outputs, option=_NUMPY_OPTS)
-        except RequestRefused as exc:
-            return exc.status, orjson.dumps({"error": exc.message, "code": str(exc.code)})
+        """``POST /score`` of a JSON ``body``: see :meth:`score_request`."""
+        answer = self.score_request(img, HttpRequest(body=body), collected)
+        return answer.status, answer.body
 
-    def _score_worker(
-        self, img: LoadedImage, body: bytes, collected: list[dict[str, Any]] | None = None
-    ) -> tuple[int, bytes]:
-        try:
-            result = img.worker.score(body)
-        except ScoringError as exc:
+    def score_request(
+        self, img: LoadedImage, req: HttpRequest, collected: list[dict[str, Any]] | None = None
+    ) -> Answer:
+        """score.py images: run() in a worker, called as Azure ML calls it (POST, GET with query
+        parameters, OPTIONS; ``@rawhttp`` gets any of them). Without score.py: ``{"data": ...}``
+        goes to the model's single input (or ``{"inputs": {name: ...}}`` to several) and the answer
+        maps each output name to its value; a GET's query parameters are that document, parsed as
+        Azure ML parses them for run(). ``collected`` receives what score.py's Azure ML data
+        collectors collected during the request (the smoke test passes none: it is not traffic)."""
+        if img.worker is not None:
+            try:
+                result = img.worker.score(req)
+            except ScoringError as exc:
+                if collected is not None:
+                    collected.extend(exc.collected)
+                return azureml.scoring_error(exc, img.worker.timeout_s)
             if collected is not None:
-                collected.extend(exc.collected)
-            return exc.http_status, orjson.dumps({"error": exc.message, "code": str(exc.code)})
-        if collected is not None:
-            collected.extend(result.collected)
-        return result.status, result.body
+                collected.extend(result.collected)
+            return Answer(result.status, result.body, result.headers)
+        if req.method == "OPTIONS":
+            return Answer(200, b"", (("Content-Type", azureml.TEXT_HTML), (azureml.FAILED, "False")))
+        if req.method not in ("GET", "POST"):
+            return azureml.error(405, "Method not allowed", str(ErrorCode.BAD_REQUEST))
+        t0 = time.perf_counter()
+        try:
+            doc = azureml.query_input(req.query) if req.method == "GET" else _parse(req.body)
+            out = self._score_model(img, doc)
+        except RequestRefused as exc:
+            return azureml.error(exc.status, exc.message, str(exc.code))
+        run_ms = f"{(time.perf_counter() - t0) * 1000:.3f}"
+        headers = (
+            ("Content-Type", "application/json"),
+            (azureml.FAILED, "False"),
+            ("x-ms-run-fn-exec-ms", run_ms),
+        )
+        return Answer(200, out, headers)
+
+    def _score_model(self, img: LoadedImage, req: Any) -> bytes:
+        if len(img.models) != 1:
+            raise _bad(
+                "this image has no score.py and several models: use /v2/models/{name}/infer",
+                ErrorCode.AMBIGUOUS_MODEL,
+            )
+        model = next(iter(img.models.values()))
+        if isinstance(req, dict) and isinstance(req.get("inputs"), dict):
+            given = req["inputs"]
+        elif isinstance(req, dict) and "data" in req and len(model.inputs) == 1:
+            given = {model.inputs[0].name: req["data"]}
+        else:
+            raise _bad('expected {"data": [...]} (single-input model) or {"inputs": {"<name>": [...]}}')
+        specs = {s.name: s for s in model.inputs}
+        unknown = sorted(set(given) - set(specs))
+        if unknown or set(specs) - set(given):
+            raise _bad(
+                f"inputs {sorted(given)} do not match the model's {sorted(specs)}",
+                ErrorCode.UNKNOWN_INPUT,
+            )
+        feeds = {n: _tensor(specs[n], v, None, None) for n, v in given.items()}
+        outputs = self._timed(img, model, feeds)
+        return orjson.dumps(outputs, option=_NUMPY_OPTS)
 
     # --- smoke test ------------------------------------------------------------------------
 
@@ -489,17 +513,20 @@ class Scorer:
         body = orjson.dumps(st["request"])
         t0 = time.perf_counter()
         out: bytes | BinaryReply
+        detail = ""
         if img.entry_script:
-            status, out = self.score(img, body)
+            answer = self.score_request(img, HttpRequest(body=body))
+            status, out, detail = answer.status, answer.body, answer.detail
         else:
             status, out = self.infer(img, st.get("model") or next(iter(img.models)), body)
         elapsed = time.perf_counter() - t0
         if isinstance(out, BinaryReply):  # a sample request may ask for binary outputs: compare their values
             out = out.as_json()[1]
         if status != 200:
+            # Azure ML's error message hides run()'s exception from clients; the operator gets it.
             raise ModelLoadError(
                 ErrorCode.SMOKE_TEST_FAILED,
-                f"sample request answered HTTP {status}: {out[:500]!r}",
+                f"sample request answered HTTP {status}: {out[:500]!r}" + (f" ({detail})" if detail else ""),
                 "fix the image (score.py, model) or its sample request",
             )
         actual = orjson.loads(out)

@@ -3,6 +3,7 @@
     pool = WorkerPool(image_dir, python=ensure_image_env(...), size=2, timeout_s=30.0)
     pool.start()                  # spawns the workers, waits for init(); raises ScoreInitFailed
     body = pool.run(raw_body)     # from any number of threads; raises ScoringError(http_status)
+    res = pool.score(HttpRequest("GET", "/score", "a=1", headers))  # any request; status, headers, body
     pool.stop()
 
 Each worker runs ``agent/serving/worker_child.py`` (see there for the protocol: length-prefixed frames on
@@ -11,7 +12,9 @@ the child's stdin/stdout; :mod:`agent.serving.worker_protocol` is the parent's s
 user's code does cannot take the agent down:
 
 - ``run()`` raises: the worker answers with the exception, the pool raises :class:`ScoreFailed`
-  (HTTP 500) and the worker keeps serving.
+  (HTTP 500) and the worker keeps serving. A request that cannot be run()'s arguments is
+  :class:`ScoreRefused` (400, 405 or 415, Azure ML's message); a result that cannot be sent is
+  :class:`ResultUnsendable` (500).
 - ``run()`` hangs: after ``timeout_s`` the worker is SIGKILLed (with its process group, so its own
   subprocesses go too), :class:`ScoreTimeout` (504), a new worker starts in the background.
 - the worker dies (segfault, ``os._exit``, the OOM killer): :class:`WorkerUnavailable` (503) for
@@ -46,14 +49,16 @@ from agent.serving.worker_protocol import (
     MAX_RESPONSE_BYTES,
     FrameTimeout,
     FrameTooLarge,
+    HttpRequest,
     ProtocolError,
+    ScoreResult,
     WorkerGone,
-    collected_records,
+    answer,
 )
 from edge_core.errors import (
-    ScoreBadInput,
     ScoreFailed,
     ScoreInitFailed,
+    ScoreRefused,
     ScoreTimeout,
     ScoringError,
     WorkerUnavailable,
@@ -66,31 +71,8 @@ CHILD_SCRIPT = Path(__file__).resolve().with_name("worker_child.py")
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 
-# MAX_RESPONSE_BYTES lives with the protocol that enforces it; importers of this module still find it here.
-__all__ = [
-    "BACKOFF_FIRST_S",
-    "BACKOFF_MAX_S",
-    "CHILD_SCRIPT",
-    "MAX_RESPONSE_BYTES",
-    "PoolStats",
-    "ScoreResult",
-    "WorkerPool",
-]
-
 
 # --- results ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    """run()'s answer. ``status``/``content_type`` differ from 200/JSON only when run() returned
-    an HTTP response object (Azure ML's ``AMLResponse``)."""
-
-    body: bytes
-    status: int = 200
-    content_type: str = "application/json"
-    #: what the script's Azure ML data collectors collected during the request (worker_child.py)
-    collected: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -176,6 +158,10 @@ class WorkerPool:
         self._forker: Forker | None = None
         self._respawners: set[threading.Thread] = set()
         self._requests = self._errors = self._restarts = self._timeouts = self._crashes = 0
+        #: How the workers call run() (``plain``, ``schema``, ``rawhttp``) and what /swagger.json is
+        #: made of: from the first worker's ready message (every worker runs the same script).
+        self.mode = "plain"
+        self.swagger: dict[str, Any] | None = None
 
     def __enter__(self) -> WorkerPool:
         self.start()
@@ -224,13 +210,16 @@ class WorkerPool:
         )
 
     def run(self, raw: bytes) -> bytes:
-        """Call ``run(raw_data)`` in an idle worker; the response body, as Azure ML would send it."""
+        """POST ``raw`` (as JSON) to run() in an idle worker; the response body, as Azure ML would send it."""
         return self.score(raw).body
 
-    def score(self, raw: bytes) -> ScoreResult:
-        """Like :meth:`run`, with the status and content type of an ``AMLResponse`` if run() returned one."""
+    def score(self, request: bytes | HttpRequest) -> ScoreResult:
+        """Like :meth:`run` for any HTTP request (a bare body is a POST of JSON), with the status and
+        headers of the answer."""
+        if isinstance(request, bytes):
+            request = HttpRequest(body=request)
         try:
-            return self._score(raw)
+            return self._score(request)
         except ScoringError:
             with self._lock:
                 self._errors += 1
@@ -358,10 +347,11 @@ class WorkerPool:
         self._idle.append(w)
         self._cond.notify()
 
-    def _score(self, raw: bytes) -> ScoreResult:
+    def _score(self, request: HttpRequest) -> ScoreResult:
+        head = request.head()
         w = self._acquire(time.monotonic() + self.timeout_s)
         try:
-            w.pipe.send(raw, time.monotonic() + self.timeout_s)
+            w.pipe.send(request.body, time.monotonic() + self.timeout_s, head)
             header, body = w.pipe.recv(time.monotonic() + self.timeout_s)
         except FrameTimeout:
             self._retire(w, "timeout")
@@ -386,22 +376,15 @@ class WorkerPool:
             self._retire(w, "internal error")
             raise
         self._release(w)
-        if header.get("ok"):
-            return ScoreResult(
-                body,
-                int(header.get("status") or 200),
-                str(header.get("content_type") or "application/json"),
-                collected_records(header),
-            )
-        error = str(header.get("error") or "run() failed")
-        if header.get("kind") == "bad_input":
-            raise ScoreBadInput(error, "send the request body as UTF-8 text")
-        tb = header.get("traceback")
-        log.warning("worker.run_failed", image=self._label, slot=w.slot, pid=w.pid, error=error, traceback=tb)
-        hint = "fix the scoring script; its traceback is in the agent's log"
-        failed = ScoreFailed(error, hint, traceback=tb)
-        failed.collected = collected_records(header)  # the inputs a failing run() collected are data too
-        raise failed
+        result = answer(header, body)
+        if isinstance(result, ScoreResult):
+            return result
+        if not isinstance(result, ScoreRefused):
+            log.warning(
+                "worker.run_failed", image=self._label, slot=w.slot, pid=w.pid,
+                kind=header.get("kind"), error=result.message, traceback=result.traceback,
+            )  # fmt: skip
+        raise result
 
     def _release(self, w: WorkerProcess) -> None:
         with self._lock:
@@ -481,7 +464,18 @@ class WorkerPool:
                 f"{self.entry_script}: {header.get('error') or 'init() failed'}",
                 str(header.get("traceback") or "") or None,
             )
-        log.info("worker.ready", image=self._label, slot=w.slot, pid=w.pid, init_ms=header.get("init_ms"))
+        with self._lock:
+            self.mode = str(header.get("mode") or "plain")
+            swagger = header.get("swagger")
+            self.swagger = swagger if isinstance(swagger, dict) else None
+        log.info(
+            "worker.ready",
+            image=self._label,
+            slot=w.slot,
+            pid=w.pid,
+            init_ms=header.get("init_ms"),
+            mode=self.mode,
+        )
 
     def _make_idle_locked(self, w: WorkerProcess) -> None:
         if w.state == "starting":

@@ -1,9 +1,11 @@
 """The parent's side of the frame protocol with a score.py worker (``worker_child.py`` has the child's).
 
-Every message is a frame: a 4-byte big-endian length, then that many bytes. The parent sends the raw
-request body; the child answers with a JSON header line, ``\\n``, then the response body. The child
-runs under an image's interpreter that may not see the ``agent`` package, so the two sides cannot
-share this module: ``worker_child.py`` describes the protocol in full and must agree with this one.
+Every message is a frame: a 4-byte big-endian length, then that many bytes: a JSON header line,
+``\\n``, then a body of raw bytes, both ways. The parent sends the HTTP request (:class:`HttpRequest`:
+method, path, query string and headers in the header, the request body after it); the child
+answers with status and headers, then the response body. The child runs under an image's
+interpreter that may not see the ``agent`` package, so the two sides cannot share this module:
+``worker_child.py`` describes the protocol in full and must agree with this one.
 
 Failures are exceptions the pool maps to HTTP errors: :class:`FrameTimeout` (the deadline passed),
 :class:`WorkerGone` (the pipes closed: the worker died), :class:`FrameTooLarge` and
@@ -13,13 +15,17 @@ keep serving).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import select
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
+
+import orjson
+
+from edge_core.errors import ResultUnsendable, ScoreFailed, ScoreRefused, ScoringError
 
 #: A response larger than this is refused (and the worker recycled): a bug in run() must not make
 #: the agent allocate gigabytes.
@@ -49,6 +55,35 @@ class FrameTooLarge(Exception):
         self.size = size
 
 
+@dataclass(frozen=True)
+class HttpRequest:
+    """What the child needs of an HTTP request to call run() as Azure ML's server would. ``query``
+    is the raw query string (percent-encoded); header names are lower case (as uvicorn gives them),
+    values latin-1 text; ``client`` and ``server`` are addresses as text (for ``AMLRequest``)."""
+
+    method: str = "POST"
+    path: str = "/score"
+    query: str = ""
+    headers: tuple[tuple[str, str], ...] = (("content-type", "application/json"),)
+    body: bytes = b""
+    scheme: str = "http"
+    client: str | None = None
+    server: tuple[str, int | None] | None = None
+
+    def head(self) -> bytes:
+        """The frame's JSON header line, ``\\n`` included; the body follows it."""
+        doc = {
+            "method": self.method,
+            "path": self.path,
+            "query": self.query,
+            "headers": self.headers,
+            "scheme": self.scheme,
+            "client": self.client,
+            "server": self.server,
+        }
+        return orjson.dumps(doc) + b"\n"  # orjson escapes control characters: one line
+
+
 class FramePipe:
     """Frames over a worker's stdin (``in_fd``) and stdout (``out_fd``), each call bounded by a
     deadline. Not thread-safe: one owner at a time (see
@@ -69,9 +104,10 @@ class FramePipe:
         if remaining <= 0 or not poller.poll(math.ceil(remaining * 1000)):
             raise FrameTimeout
 
-    def send(self, data: bytes, deadline: float) -> None:
-        head = len(data).to_bytes(LEN_SIZE, "big")
-        for chunk in (head + data,) if len(data) <= _ONE_WRITE_MAX else (head, data):
+    def send(self, data: bytes, deadline: float, head: bytes = b"") -> None:
+        """One frame: ``head`` then ``data`` (a large ``data`` is written without being copied)."""
+        prefix = (len(head) + len(data)).to_bytes(LEN_SIZE, "big") + head
+        for chunk in (prefix + data,) if len(data) <= _ONE_WRITE_MAX else (prefix, data):
             view = memoryview(chunk)
             while view:
                 try:
@@ -106,8 +142,8 @@ class FramePipe:
         if nl < 0:
             raise ProtocolError("frame without a header line")
         try:
-            header = json.loads(bytes(frame[:nl]))
-        except ValueError as exc:
+            header = orjson.loads(memoryview(frame)[:nl])
+        except orjson.JSONDecodeError as exc:
             raise ProtocolError(f"header is not JSON: {exc}") from None
         if not isinstance(header, dict):
             raise ProtocolError("header is not a JSON object")
@@ -121,3 +157,48 @@ def collected_records(header: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
     if not isinstance(records, list):
         return ()
     return tuple(r for r in records if isinstance(r, dict))
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """run()'s answer as Azure ML's server sends it. ``status`` and the content type differ from 200
+    and JSON only when run() returned an HTTP response object (``AMLResponse``). ``headers`` are
+    the response's own (``Content-Type``, ``x-ms-run-function-failed``, ``x-ms-run-fn-exec-ms`` and
+    what an ``AMLResponse`` added), in order, repeated names included."""
+
+    body: bytes
+    status: int = 200
+    headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
+    #: what the script's Azure ML data collectors collected during the request (worker_child.py)
+    collected: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def content_type(self) -> str:
+        return next((v for k, v in self.headers if k.lower() == "content-type"), "application/json")
+
+
+def answer(header: Mapping[str, Any], body: bytes) -> ScoreResult | ScoringError:
+    """The child's answer frame as the pool hands it on: a result, or the error to raise (a request
+    run() could not take, a result that cannot be sent, run() raising), with what the script's data
+    collectors collected either way: a failing run()'s collected inputs are data too."""
+    collected = collected_records(header)
+    if header.get("ok"):
+        headers = header.get("headers")
+        pairs = tuple((str(k), str(v)) for k, v in headers) if isinstance(headers, list) else ()
+        return ScoreResult(body, int(header.get("status") or 200), pairs, collected)
+    error = str(header.get("error") or "run() failed")
+    kind = header.get("kind")
+    failed: ScoringError
+    if kind == "input":
+        failed = ScoreRefused(int(header.get("status") or 400), error)
+    elif kind == "internal":
+        failed = ResultUnsendable(
+            error, "return JSON-serialisable values or an AMLResponse; the traceback is in the agent's log"
+        )
+    else:
+        tb = header.get("traceback")
+        failed = ScoreFailed(
+            error, "fix the scoring script; its traceback is in the agent's log", traceback=tb if tb else None
+        )
+    failed.collected = collected
+    return failed
