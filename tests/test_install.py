@@ -433,7 +433,7 @@ def test_an_offline_install_from_a_wheelhouse(tmp_path: Path) -> None:
     extra = subprocess.run([str(python), "-c", absent], capture_output=True, text=True, timeout=60, cwd=root)
     assert extra.returncode == 0 and extra.stdout.strip() == "[]", extra.stdout + extra.stderr
     # and edge-deploy there says which extra it needs, in one line instead of a traceback
-    cp = subprocess.run([str(python.parent / "edge-deploy"), "device", "list"], capture_output=True, text=True,
-                        timeout=60, cwd=root)  # fmt: skip
+    deploy_cli = [str(python.parent / "edge-deploy"), "device", "list"]
+    cp = subprocess.run(deploy_cli, capture_output=True, text=True, timeout=60, cwd=root)
     assert cp.returncode == 2 and "pip install 'edge-ml[control-plane]'" in cp.stderr, cp.stderr
     assert "Traceback" not in cp.stderr

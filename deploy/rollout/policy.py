@@ -337,7 +337,7 @@ def gate_verdict(
     b_req, b_rate, b_p99 = _aggregate(baseline)
     c_req, c_rate, c_p99 = _aggregate(current)
     first_image = compared is not None and not compared
-    r_req, r_rate, r_p99 = (c_req, c_rate, c_p99) if compared is None else _aggregate(compared)
+    _, r_rate, r_p99 = (c_req, c_rate, c_p99) if compared is None else _aggregate(compared)
     facts: dict[str, Any] = {
         "baseline": {"requests": b_req, "error_rate": round(b_rate, 6), "p99_ms": b_p99},
         "current": {"requests": c_req, "error_rate": round(c_rate, 6), "p99_ms": c_p99},
