@@ -30,6 +30,7 @@ from deploy import config
 from deploy.plane import ControlPlane
 from deploy.registry import Image
 from deploy.rollout import Gate, Policy
+from edge_core import extras
 from edge_core import manifest as mf
 from simulators.bundle_server import BundleServer
 from simulators.rig import Rig, to_toml
@@ -349,6 +350,7 @@ def _wave_sizes(cp: ControlPlane, dep_id: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    extras.require("control-plane", "edge-sim")  # on a device (the base install): say what to add
     p = argparse.ArgumentParser(prog="edge-sim", description="Run real edge agents against a local broker")
     p.add_argument("--version", action="version", version=f"edge-sim {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)

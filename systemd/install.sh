@@ -36,6 +36,8 @@ The configuration, /etc/edge-agent/agent.toml (written only when there is none):
                       string (copied to /etc/edge-agent/certs/iothub-connection-string, mode 0640)
   --iothub-hostname HOST
                       Azure IoT Hub with X.509 instead: needs --cert and --key (--ca optional)
+                      Either IoT Hub flag installs edge-ml[iothub] (the Azure IoT device SDK); the
+                      base package, all that MQTT needs, goes without it
   --force-config      replace an existing agent.toml with one from the flags (the old one is kept
                       as agent.toml.bak)
 
@@ -403,7 +405,14 @@ if [ -n "$wheelhouse" ]; then
   pip_index=(--no-index --find-links "$wheelhouse")
   digest="$digest; wheelhouse $(cd "$wheelhouse" && find . -type f -printf '%P %s\n' | LC_ALL=C sort | sha256sum | cut -c1-64)"
 fi
-digest="$digest; pip-args $pip_args"
+# The base package is what the agent needs over MQTT; the IoT Hub SDK is the [iothub] extra, added
+# when the flags configure IoT Hub or the kept agent.toml names it (a rerun without flags).
+extras=""
+if [ -n "$iothub_cs$iothub_host" ] ||
+  { [ "$write_config_file" -eq 0 ] && grep -Eq '^[[:space:]]*transport[[:space:]]*=[[:space:]]*"iothub"' "$config"; }; then
+  extras="[iothub]"
+fi
+digest="$digest; pip-args $pip_args; extras $extras"
 package_changed=0
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] && [ -x "$venv/bin/edge-agent" ]; then
   say "package $package: unchanged"
@@ -422,13 +431,13 @@ else
   fi
   # First the package with its dependencies, then the package alone, reinstalled: pip skips a
   # wheel whose version is already installed, and a rebuild of the same version is new code.
-  "${pip[@]}" install --quiet "${pip_index[@]}" "${pip_extra[@]}" "$target" || fail "pip install failed"
+  "${pip[@]}" install --quiet "${pip_index[@]}" "${pip_extra[@]}" "$target$extras" || fail "pip install failed"
   "${pip[@]}" install --quiet --force-reinstall --no-deps "${pip_index[@]}" "${pip_extra[@]}" "$target" ||
     fail "pip install failed"
   [ -x "$venv/bin/edge-agent" ] || fail "pip installed no $venv/bin/edge-agent"
   printf '%s\n' "$digest" >"$stamp"
   package_changed=1
-  say "package $package: installed into $venv"
+  say "package $package${extras}: installed into $venv"
 fi
 
 # --- install: the configuration --------------------------------------------------------------------

@@ -82,6 +82,20 @@ def test_agent_cli_reports_a_bad_config_and_exits_2(tmp_path: Path) -> None:
     assert ok.returncode == 0 and json.loads(ok.stdout)["device_id"] == "dev-1"
 
 
+def test_iothub_without_its_extra_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The base install has no `azure` package at all (the SDK is the [iothub] extra): then
+    # find_spec("azure.iot.device") raises instead of answering None, and must still become the
+    # refusal that names the extra, not a traceback. A None in sys.modules hides a package.
+    from agent.ops import wiring
+
+    for name in [m for m in sys.modules if m == "azure" or m.startswith("azure.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "azure", None)
+    cfg = config.AgentConfig(device_id="dev-1", transport="iothub")
+    with pytest.raises(ConfigError, match=r"pip install 'edge-ml\[iothub\]'"):
+        wiring.check_channel_package(cfg)
+
+
 def test_deploy_cli_keys_manifest_sign_verify(tmp_path: Path) -> None:
     from deploy import bundle
 

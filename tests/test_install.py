@@ -425,6 +425,15 @@ def test_an_offline_install_from_a_wheelhouse(tmp_path: Path) -> None:
     assert "package edge-ml: installed" in r.stdout
     assert installed_check_config(root)["device_id"] == "dev-offline"
     python = root / "opt" / "edge-agent" / "venv" / "bin" / "python"
-    probe = "import onnxruntime, azure.iot.device, paho.mqtt, agent; print(agent.__file__)"
+    probe = "import onnxruntime, paho.mqtt, agent; print(agent.__file__)"
     where = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, timeout=60, cwd=root)
     assert where.returncode == 0 and where.stdout.startswith(str(root)), where.stderr
+    # An MQTT device gets the base install: neither the IoT Hub SDK nor the control plane's extras.
+    absent = "import importlib.util as u; print([m for m in ('azure', 'onnx', 'sklearn') if u.find_spec(m)])"
+    extra = subprocess.run([str(python), "-c", absent], capture_output=True, text=True, timeout=60, cwd=root)
+    assert extra.returncode == 0 and extra.stdout.strip() == "[]", extra.stdout + extra.stderr
+    # and edge-deploy there says which extra it needs, in one line instead of a traceback
+    deploy_cli = [str(python.parent / "edge-deploy"), "device", "list"]
+    cp = subprocess.run(deploy_cli, capture_output=True, text=True, timeout=60, cwd=root)
+    assert cp.returncode == 2 and "pip install 'edge-ml[control-plane]'" in cp.stderr, cp.stderr
+    assert "Traceback" not in cp.stderr

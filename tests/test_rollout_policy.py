@@ -15,6 +15,7 @@ from deploy.rollout.policy import (
     Gate,
     Policy,
     Window,
+    awaits_baseline,
     baseline_ready,
     baseline_window,
     judge_soak,
@@ -299,6 +300,24 @@ def test_baseline_ready(windows: list[Window], now: float, expected: bool) -> No
     assert baseline_ready(RELATIVE, windows, SINCE, now) is expected
 
 
+@pytest.mark.parametrize(
+    ("gate", "running", "expected"),
+    [
+        # a first deployment: no device runs an image, so no baseline can ever come; publish at once
+        (RELATIVE, [False, False], False),
+        # one device runs an image: wait for its baseline
+        (RELATIVE, [False, True], True),
+        # never reported: it may run one, so wait (at most one soak period, as before)
+        (RELATIVE, [True], True),
+        # absolute bounds only, or no gate: nothing to wait for
+        (Gate(soak_s=60, max_p99_ms=50.0), [True], False),
+        (Gate(), [True], False),
+    ],
+)
+def test_awaits_baseline_only_where_one_can_exist(gate: Gate, running: list[bool], expected: bool) -> None:
+    assert awaits_baseline(gate, running) is expected
+
+
 GATE = Gate(soak_s=60, max_error_rate=0.05, max_p99_ratio=2.0, min_requests=20)
 WITH_GATE = Policy(gate=GATE)
 GOOD_BEFORE = [Window(100, 1, 20.0)]
@@ -425,6 +444,28 @@ def test_judge_soak_facts_say_what_was_judged() -> None:
     )
     d = judge_soak(3, WITH_GATE, GOOD_BEFORE, [Window(5, 0, 10.0)])
     assert d.facts["no_data"] is True
+
+
+def test_first_image_is_judged_on_absolute_bounds_only() -> None:
+    # Devices with no previous image (compared empty): a p99 far above anything before is no
+    # violation of the ratio, the note says why, and the absolute error-rate bound still holds.
+    d = judge_soak(3, WITH_GATE, GOOD_BEFORE, [Window(100, 0, 500.0)], compared=[])
+    assert d.action == "pass" and d.facts["violations"] == []
+    assert d.facts["note"] == "first image on these devices: no baseline exists; relative bounds skipped"
+    d = judge_soak(3, WITH_GATE, [], [Window(100, 6, 5.0)], compared=[])
+    assert d.action == "wave_failed"
+    assert d.facts["violations"] == ["error rate 0.0600 > max_error_rate 0.05"]
+
+
+def test_a_mixed_wave_compares_only_the_devices_that_had_an_image() -> None:
+    # the fresh device is slow (500 ms), the updated one as fast as before: the ratio holds
+    fresh, updated = Window(100, 0, 500.0), Window(100, 0, 20.0)
+    d = judge_soak(3, WITH_GATE, GOOD_BEFORE, [fresh, updated], compared=[updated])
+    assert d.action == "pass" and d.facts["violations"] == []
+    # the updated device regressed: it fails on its own numbers
+    slow = Window(100, 0, 50.0)
+    d = judge_soak(3, WITH_GATE, GOOD_BEFORE, [Window(100, 0, 1.0), slow], compared=[slow])
+    assert d.facts["violations"] == ["p99 50.00 ms is 2.5x the baseline 20.00 ms > max_p99_ratio 2.0"]
 
 
 # -- devices: a status report and the time in, an outcome out -------------------------------------------

@@ -68,7 +68,11 @@ def check_channel_package(cfg: AgentConfig) -> None:
     if cfg.transport == "iothub":
         import importlib.util
 
-        if importlib.util.find_spec("azure.iot.device") is None:
+        try:
+            found = importlib.util.find_spec("azure.iot.device") is not None
+        except ModuleNotFoundError:  # find_spec imports the parents: without `azure` itself, it raises
+            found = False
+        if not found:
             raise ConfigError(
                 "transport",
                 '"iothub" needs the Azure IoT Hub SDK, which is not installed: '

@@ -27,6 +27,7 @@ from deploy.cli._common import (
     fail,
 )
 from deploy.cli.manifest import new_manifest
+from edge_core import extras
 from edge_core.errors import BuildError, EdgeError, ErrorCode
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    extras.require("control-plane", "edge-deploy")  # on a device (the base install): say what to add
     try:
         return _main(argv)
     except KeyboardInterrupt:

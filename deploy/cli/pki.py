@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     # issued for the --broker-host names, so the operator dials the first of them.
     cfg_path = home / "config.toml"
     text = cfg_path.read_text() if cfg_path.is_file() else "# edge-deploy control plane (docs/config.md)\n"
-    if "[broker]" in text:
+    # A table, not the text: the file `edge-deploy init` writes names [broker] in a comment.
+    if "broker" in tomllib.loads(text):
         doc["config"] = (
             f"{cfg_path}: [broker] kept; point ca, cert and key at pki/ (see docs/control-plane.md)"
         )

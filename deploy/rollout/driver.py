@@ -24,6 +24,7 @@ from deploy.rollout.policy import (
     Decision,
     Policy,
     Window,
+    awaits_baseline,
     baseline_ready,
     baseline_window,
     judge_soak,
@@ -232,7 +233,7 @@ class Driver:
             if not group:
                 self._transition(dep, "wave_passed_last", {"waves": wave})
                 return
-            if policy.gate.enabled and policy.gate.relative and dep["phase"] != "baseline":
+            if dep["phase"] != "baseline" and awaits_baseline(policy.gate, self._running(group)):
                 # Evidence of how these devices serve now, before they change.
                 self.reg.update_deployment(dep["id"], phase="baseline", phase_since=now)
                 return
@@ -254,8 +255,10 @@ class Driver:
             # the heartbeats are read once there is a verdict to give, not at every step of the soak
             if not soak_elapsed(policy.gate, dep["phase_since"], now):
                 return
-            baseline, current = self._gate_windows(dep, group, image, policy, dep["phase_since"], now)
-            decision = judge_soak(wave, policy, baseline, current)
+            baseline, current, compared = self._gate_windows(
+                dep, group, image, policy, dep["phase_since"], now
+            )
+            decision = judge_soak(wave, policy, baseline, current, compared)
             passed = decision.action == "pass"
             self.reg.event(
                 dep["id"], "gate_passed" if passed else "gate_failed", {"wave": wave, **decision.facts}
@@ -273,6 +276,11 @@ class Driver:
             self.reg.update_deployment(dep["id"], phase="next", phase_since=self.clock())
         else:
             self._transition(dep, decision.action, decision.detail)
+
+    def _running(self, group: list[dict[str, Any]]) -> list[bool]:
+        """Whether each device serves an image now, from its last status (none yet: it may)."""
+        reports = [self.fleet.report(m["device_id"]) for m in group]
+        return [r is None or r.get("active") is not None for r in reports]
 
     def _baseline(self, ids: list[str], version: str, policy: Policy, until: float) -> list[Window]:
         """The devices' heartbeats on other images than ``version`` in the baseline window."""
@@ -294,13 +302,16 @@ class Driver:
         policy: Policy,
         since: float,
         until: float,
-    ) -> tuple[list[Window], list[Window]]:
-        """The wave's heartbeats before its publication (baseline) and during the soak (current)."""
+    ) -> tuple[list[Window], list[Window], list[Window]]:
+        """The wave's heartbeats before its publication (baseline), during the soak (current), and
+        the part of those from devices that ran an image before (compared with the baseline)."""
         ids = [m["device_id"] for m in group if m["state"] == "active"]
+        had_image = {m["device_id"] for m in group if m["state"] == "active" and m["previous"]}
         version = str(image.version)
         current = [r for r in self.reg.heartbeats(ids, since, until) if r["version"] == version]
+        compared = [r for r in current if r["device_id"] in had_image]
         first_publish = min((m["published_at"] for m in group if m["published_at"]), default=since)
-        return self._baseline(ids, version, policy, first_publish), _windows(current)
+        return self._baseline(ids, version, policy, first_publish), _windows(current), _windows(compared)
 
     def _roll_back(self, dep: Mapping[str, Any], members: list[dict[str, Any]], policy: Policy) -> None:
         now = self.clock()

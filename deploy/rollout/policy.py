@@ -323,11 +323,21 @@ def _aggregate(windows: Sequence[Window]) -> tuple[int, float, float | None]:
 
 
 def gate_verdict(
-    baseline: Sequence[Window], current: Sequence[Window], gate: Gate
+    baseline: Sequence[Window],
+    current: Sequence[Window],
+    gate: Gate,
+    compared: Sequence[Window] | None = None,
 ) -> tuple[bool, dict[str, Any]]:
-    """Whether the new image serves within the gate's bounds; the numbers it judged by."""
+    """Whether the new image serves within the gate's bounds; the numbers it judged by.
+
+    ``compared`` is the part of ``current`` served by devices that ran an image before the wave
+    (default: all of it): only they have a baseline, so only they are held to the relative bounds.
+    Devices on their first image are judged on the absolute bounds alone; an empty ``compared`` (a
+    first deployment) skips the relative bounds."""
     b_req, b_rate, b_p99 = _aggregate(baseline)
     c_req, c_rate, c_p99 = _aggregate(current)
+    first_image = compared is not None and not compared
+    _, r_rate, r_p99 = (c_req, c_rate, c_p99) if compared is None else _aggregate(compared)
     facts: dict[str, Any] = {
         "baseline": {"requests": b_req, "error_rate": round(b_rate, 6), "p99_ms": b_p99},
         "current": {"requests": c_req, "error_rate": round(c_rate, 6), "p99_ms": c_p99},
@@ -342,24 +352,31 @@ def gate_verdict(
     v = facts["violations"]
     if gate.max_error_rate is not None and c_rate > gate.max_error_rate:
         v.append(f"error rate {c_rate:.4f} > max_error_rate {gate.max_error_rate}")
-    have_baseline = b_req >= gate.min_requests
+    have_baseline = b_req >= gate.min_requests and not first_image
     if (
         have_baseline
         and gate.max_error_rate_increase is not None
-        and c_rate - b_rate > gate.max_error_rate_increase
+        and r_rate - b_rate > gate.max_error_rate_increase
     ):
         v.append(
-            f"error rate rose {c_rate - b_rate:+.4f} > max_error_rate_increase {gate.max_error_rate_increase}"
+            f"error rate rose {r_rate - b_rate:+.4f} > max_error_rate_increase {gate.max_error_rate_increase}"
         )
-    if c_p99 is not None:
-        if gate.max_p99_ms is not None and c_p99 > gate.max_p99_ms:
-            v.append(f"p99 {c_p99:.2f} ms > max_p99_ms {gate.max_p99_ms}")
-        if have_baseline and b_p99 and gate.max_p99_ratio is not None and c_p99 / b_p99 > gate.max_p99_ratio:
-            v.append(
-                f"p99 {c_p99:.2f} ms is {c_p99 / b_p99:.1f}x the baseline {b_p99:.2f} ms "
-                f"> max_p99_ratio {gate.max_p99_ratio}"
-            )
-    if gate.relative and not have_baseline:
+    if c_p99 is not None and gate.max_p99_ms is not None and c_p99 > gate.max_p99_ms:
+        v.append(f"p99 {c_p99:.2f} ms > max_p99_ms {gate.max_p99_ms}")
+    if (
+        r_p99 is not None
+        and have_baseline
+        and b_p99
+        and gate.max_p99_ratio is not None
+        and r_p99 / b_p99 > gate.max_p99_ratio
+    ):
+        v.append(
+            f"p99 {r_p99:.2f} ms is {r_p99 / b_p99:.1f}x the baseline {b_p99:.2f} ms "
+            f"> max_p99_ratio {gate.max_p99_ratio}"
+        )
+    if gate.relative and first_image:
+        facts["note"] = "first image on these devices: no baseline exists; relative bounds skipped"
+    elif gate.relative and not have_baseline:
         facts["note"] = (
             f"no baseline: the same devices served {b_req} requests before; relative bounds skipped"
         )
@@ -372,6 +389,14 @@ def baseline_window(gate: Gate, until: float) -> tuple[float, float]:
     return until - 2 * max(gate.soak_s, 1.0), until
 
 
+def awaits_baseline(gate: Gate, running: Sequence[bool]) -> bool:
+    """Whether a wave waits for baseline evidence before it is published. ``running`` says, for each
+    of its devices, whether it serves an image now (a device that never reported may: True). Only
+    relative bounds need a baseline, and a device on its first image can never have one: a first
+    deployment publishes at once and is judged on the absolute bounds."""
+    return gate.enabled and gate.relative and any(running)
+
+
 def baseline_ready(gate: Gate, baseline: Sequence[Window], since: float, now: float) -> bool:
     """Whether a wave waiting for its baseline may be published: enough requests seen, or a soak
     period waited, after which a missing baseline only skips the gate's relative bounds."""
@@ -382,9 +407,16 @@ def soak_elapsed(gate: Gate, since: float, now: float) -> bool:
     return now - since >= gate.soak_s
 
 
-def judge_soak(wave: int, policy: Policy, baseline: Sequence[Window], current: Sequence[Window]) -> Decision:
-    """The decision on a wave whose soak is over, from its devices' heartbeats before and after."""
-    ok, facts = gate_verdict(baseline, current, policy.gate)
+def judge_soak(
+    wave: int,
+    policy: Policy,
+    baseline: Sequence[Window],
+    current: Sequence[Window],
+    compared: Sequence[Window] | None = None,
+) -> Decision:
+    """The decision on a wave whose soak is over, from its devices' heartbeats before and after
+    (``compared``: as in :func:`gate_verdict`)."""
+    ok, facts = gate_verdict(baseline, current, policy.gate, compared)
     if ok:
         return Decision("pass", facts=facts)
     return _failure(policy, f"wave {wave}: health gate failed: {'; '.join(facts['violations'])}", {}, facts)
