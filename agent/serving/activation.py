@@ -13,9 +13,10 @@ from typing import Any
 
 from agent.config import AgentConfig
 from agent.serving.api import ApiServer, ScoringApp
+from agent.serving.commits import CommitWaiter
 from agent.serving.runtime import LoadedImage, Runtime, RuntimeSettings
 from agent.serving.scoring import Scorer
-from agent.telemetry.capture import Capturer, CaptureSettings, RecordSink
+from agent.telemetry.capture import Capturer, CaptureSettings, RecordSink, UrgentSink
 from agent.telemetry.metrics import Metrics
 from edge_core import manifest as mf
 from edge_core.log import get_logger
@@ -37,6 +38,11 @@ class Serving:
         self.metrics = Metrics()
         self.executor = ThreadPoolExecutor(max_workers=cfg.api.threads, thread_name_prefix="score")
         self.api: ApiServer | None = None
+        tc = cfg.telemetry
+        self.commits: CommitWaiter | None = None
+        if tc.capture_commit == "before_answer" and isinstance(sink, UrgentSink):
+            self.commits = CommitWaiter(tc.capture_commit_timeout, self.metrics.commit_timeout)
+            sink.add_commit_listener(self.commits.notify)
 
     def _make_worker(self, image_dir: Path, meta: dict[str, Any]) -> Any:
         from agent.serving.pyenv import ensure_image_env
@@ -74,6 +80,7 @@ class Serving:
                 max_body=self.cfg.api.max_body_bytes,
                 token=token,
                 executor=self.executor,
+                commits=self.commits,
             )
             self.api = ApiServer(app, self.cfg.api.listen)
             self.api.start()
@@ -101,7 +108,7 @@ class Serving:
             "rollout_id": manifest.rollout_id, "generation": manifest.generation,
             "image": {"name": img.name, "version": img.version, "sha256": img.sha256},
         }  # fmt: skip
-        img.capturer = Capturer(self.sink, settings, lineage)
+        img.capturer = Capturer(self.sink, settings, lineage, durable=self.commits is not None)
 
     def prepare(self, image_dir: Path, manifest: mf.Manifest) -> LoadedImage:
         img = self.runtime.load(image_dir, manifest.runtime)
