@@ -560,3 +560,31 @@ def test_every_file_has_an_epoch_and_a_new_file_a_new_one(tmp_path: Path) -> Non
         assert b.stats()["classes"]["event"]["records"] == 1
     with Buffer(old, budget_bytes=16 << 20) as b:
         assert b.epoch == epoch and b.pre_epoch
+
+
+def test_records_put_while_a_commit_runs_share_the_next_one(make: Any) -> None:
+    """Group commit: while the writer is busy (here: held in its listener after the first
+    transaction), urgent records queue up, and the next round commits all of them together."""
+    b = make(flush_interval_s=3600)
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def listener(ticket: int) -> None:
+        calls.append(ticket)
+        if len(calls) == 1:
+            gate.wait(TIMEOUT_S)
+
+    b.add_commit_listener(listener)
+    first = b.put_urgent(C.CAPTURE, b"first")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not calls:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    later = [b.put_urgent(C.CAPTURE, b"later %d" % i) for i in range(50)]
+    assert later == list(range(first + 1, first + 51))
+    gate.set()
+    while not calls or calls[-1] < later[-1]:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert calls == [first, later[-1]]  # one transaction for the fifty
+    assert b.stats()["classes"]["capture"]["records"] == 51

@@ -53,7 +53,7 @@ class BufferLike(Protocol):
 
     def ack(self, cls: Any, seqs: Any) -> Any: ...
 
-    def sync(self) -> None: ...
+    def sync(self) -> bool: ...
 
 
 class BlobPut(Protocol):
@@ -239,12 +239,14 @@ class Uploader:
             self.intents.set_meta(key, None)
             intent = None
         batch = list(self.buffer.read_batch(cls, self.batch_max_records, self.batch_max_bytes))
+        if intent is not None and (not batch or batch[0].seq > intent["last"]):  # oldest first
+            # Its records are gone (acked just before a crash, or evicted): the batch is new. Going
+            # on with it, rather than ending the pass, lets a drain see that nothing is left.
+            self.intents.set_meta(key, None)
+            intent = None
         if intent is not None:
             # A batch was being uploaded when the agent stopped: the same records, the same name.
             batch = [r for r in batch if r.seq <= intent["last"]]
-            if not batch:
-                self.intents.set_meta(key, None)
-                return 0
             name = intent["name"]
             if len(batch) < intent["count"] and name in self.backend.list(name):
                 # Some of the intent's records were evicted since (disk budget), and the blob with all

@@ -19,8 +19,10 @@ kept in one bounded SQLite file (WAL) until the uploader has shipped them (docs/
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -102,6 +104,7 @@ class Buffer:
         self._closed = False
         self._epoch: str | None = None
         self._pre_epoch = False
+        self._sync_warned = -math.inf
         self._writer = Writer(
             self.path,
             self._limits,
@@ -212,12 +215,21 @@ class Buffer:
         Returns how many records this call deleted."""
         return self._reader.ack(cls, seqs)
 
-    def sync(self) -> None:
+    def sync(self) -> bool:
         """Make every record committed so far survive a power cut, whatever ``synchronous`` is: one
         tiny transaction with an fsync of the WAL, which holds all earlier commits. The uploader calls
         it before it names a batch, so that a power cut can never take back records (and their seqs)
-        that a stored blob is already named after."""
-        self._reader.sync()
+        that a stored blob is already named after. False (logged) when the write failed: a full
+        disk must not stop the uploads, which are what frees it."""
+        try:
+            self._reader.sync()
+        except sqlite3.Error as e:
+            now = time.monotonic()
+            if now - self._sync_warned >= 60:
+                self._sync_warned = now
+                log.warning("buffer.sync_failed", path=str(self.path), error=str(e))
+            return False
+        return True
 
     def size_bytes(self) -> int:
         """Disk the buffer occupies now or after the next checkpoint, whichever is more: the main

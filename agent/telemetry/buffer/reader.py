@@ -42,7 +42,8 @@ class Reader:
     def sync(self) -> None:
         """See Buffer.sync: one small write transaction on this FULL connection."""
         with self._lock:
-            self._conn().execute(
+            db = self._conn()
+            db.execute(
                 "INSERT INTO meta (key, value) VALUES ('synced_at', ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (repr(time.time()),),  # a changed row: a row written unchanged adds no WAL frame

@@ -148,7 +148,6 @@ class Writer:
         self._pad: list[None] = []
         self._insert_sql: dict[tuple[str, int], str] = {}
         self._listeners: list[Callable[[int], None]] = []
-        self._processed = 0  # the highest ticket committed or dropped; written by the writer thread only
 
     # -------------------------------------------------------------------------------- lifecycle
 
@@ -247,11 +246,6 @@ class Writer:
         is at most ``ticket`` is committed, or was dropped by a write error. ``fn`` must be quick and
         must not call back into the buffer (it runs between the writer's transactions)."""
         self._listeners.append(fn)
-
-    @property
-    def processed(self) -> int:
-        """The highest ticket committed or dropped so far."""
-        return self._processed
 
     def counters(self) -> tuple[dict[str, dict[str, dict[str, int]]], int, int, int]:
         """(drops per class and reason, committed, queued, queued bytes), for stats()."""
@@ -406,7 +400,6 @@ class Writer:
                 w.close()
 
     def _notify(self, ticket: int) -> None:
-        self._processed = ticket
         for fn in self._listeners:
             try:
                 fn(ticket)
