@@ -215,6 +215,17 @@ class TelemetryConfig:
     buffer_budget_bytes: int = 256 * 1024 * 1024
     #: The writer thread commits at least this often: the most a kill -9 can lose (docs/buffer.md).
     flush_interval: float = 0.2
+    #: SQLite's synchronous for the buffer (WAL): "NORMAL" (a committed record survives a crash of the
+    #: agent; a power cut can lose the commits since the last checkpoint) or "FULL" (an fsync per
+    #: commit: it survives a power cut too). docs/monitoring.md, "What survives what".
+    buffer_synchronous: str = "NORMAL"
+    #: When a captured request is answered: "before_answer" (after its record is committed to the
+    #: buffer, so a crash of the agent never loses the record of an answer a client got) or
+    #: "after_answer" (at once; a crash loses up to flush_interval of answered requests' records).
+    capture_commit: str = "before_answer"
+    #: before_answer waits at most this long for the commit, then answers anyway (and counts it in
+    #: edge_capture_commit_timeouts): a slow or wedged disk must not stop the serving.
+    capture_commit_timeout: float = 2.0
     max_record_bytes: int = 1024 * 1024
     #: System and inference metrics sampling, and the heartbeat.
     interval: float = 30.0
@@ -235,6 +246,9 @@ class SyncConfig:
     bandwidth: int = 0
     #: gzip level of the uploaded blobs: 6 for thin uplinks, 1 for a busy CPU with a fast link.
     compress_level: int = 6
+    #: On a clean stop (SIGTERM), the uploader ships what is waiting for at most this many seconds
+    #: (0: not at all); what it cannot ship in time, or while the storage fails, waits for the next start.
+    drain_timeout: float = 10.0
     retries: int = 5
     backoff_min: float = 1.0
     backoff_max: float = 60.0
@@ -328,6 +342,18 @@ class AgentConfig:
             raise ConfigError("telemetry.buffer_budget_bytes", "must be >= 1 MiB")
         if self.telemetry.interval <= 0 or self.telemetry.flush_interval <= 0:
             raise ConfigError("telemetry.interval", "intervals must be > 0")
+        if self.telemetry.buffer_synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
+            raise ConfigError(
+                "telemetry.buffer_synchronous",
+                f"{self.telemetry.buffer_synchronous!r} is not NORMAL, FULL or EXTRA (OFF risks corruption)",
+            )
+        if self.telemetry.capture_commit not in ("before_answer", "after_answer"):
+            raise ConfigError(
+                "telemetry.capture_commit",
+                f'{self.telemetry.capture_commit!r} is neither "before_answer" nor "after_answer"',
+            )
+        if not self.telemetry.capture_commit_timeout > 0:
+            raise ConfigError("telemetry.capture_commit_timeout", "must be > 0")
         if self.sync.url and not (
             self.sync.url.startswith(("file://", "https://", "http://", "s3://"))
             or self.sync.url.startswith("/")
@@ -341,6 +367,8 @@ class AgentConfig:
             raise ConfigError("sync.compress_level", "must be between 1 and 9")
         if self.sync.bandwidth < 0:
             raise ConfigError("sync.bandwidth", "must be >= 0 (0: no cap)")
+        if not self.sync.drain_timeout >= 0:
+            raise ConfigError("sync.drain_timeout", "must be >= 0 (0: no upload at shutdown)")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level", "must be one of debug, info, warning, error")
 

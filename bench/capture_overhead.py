@@ -2,7 +2,8 @@
 
 Run by hand from the repository root (not part of CI, not a pytest test)::
 
-    .venv/bin/python bench/capture_overhead.py              # 3 servers x 5 repeats x (1 s + 5 s): ~100 s
+    .venv/bin/python bench/capture_overhead.py              # 4 servers x 5 repeats x (1 s + 5 s): ~130 s
+    .venv/bin/python bench/capture_overhead.py --quick      # 4 servers x 3 repeats x (0.5 s + 2 s): ~40 s
     .venv/bin/python bench/capture_overhead.py --repeats 9 --duration 5 --json
     .venv/bin/python bench/capture_overhead.py --api score --client python --connections 4
 
@@ -18,11 +19,15 @@ agent's settings (``telemetry.db`` in the state directory, ``telemetry.buffer_bu
 
 - **capture off**: the loaded image has no capturer (the buffer is started and idle, as in an agent
   whose deployment does not collect data).
-- **capture on**: the image's ``capturer`` is ``Capturer(buffer, CaptureSettings(enabled=True,
-  sample_rate=1.0), lineage)``, with the lineage ``Serving`` would attach from a manifest, so every
-  request's input and output go through ``Capturer.record`` into ``Buffer.put``, and the buffer's
-  writer thread commits them to SQLite, competing for the same cores as the event loop and the
-  load generator (which is the point).
+- **capture on, after_answer** (``telemetry.capture_commit = "after_answer"``): the image's
+  ``capturer`` is ``Capturer(buffer, CaptureSettings(enabled=True, sample_rate=1.0), lineage)``, with
+  the lineage ``Serving`` would attach from a manifest, so every request's input and output go
+  through ``Capturer.record`` into ``Buffer.put``, and the buffer's writer thread commits them to
+  SQLite, competing for the same cores as the event loop and the load generator (which is the
+  point). The answer leaves at once.
+- **capture on, before_answer** (the agent's default): the same, but durable: the record goes in with
+  ``Buffer.put_urgent`` and the answer waits (on the event loop, without blocking it) until the writer
+  reports the record committed (``agent/serving/commits.py``), as ``Serving`` wires it.
 
 The image is the issue's MLP (64 -> 256 -> 256 -> 10, ``simulators.models.mlp``) built with
 ``deploy.bundle.build_image`` and installed with ``BundleStore.install`` (``benchlib``); the request
@@ -30,7 +35,7 @@ is ``POST /v2/models/mlp/infer`` with one 1x64 float input (``--api score``: ``P
 with ``{"data": [[...]]}``), answered by onnxruntime on the event loop. Each captured record is
 about 1.9 KB (lineage, the request and the response as JSON).
 
-A third server is a diagnostic (``--no-null-sink`` leaves it out): capture on, but its capturer's
+A fourth server is a diagnostic (``--no-null-sink`` leaves it out): capture on, but its capturer's
 sink drops every record (no buffer, no writer thread), to split the cost between the capture code on
 the event loop (``Capturer.record`` and the ``x-request-id`` header) and the buffer.
 
@@ -95,13 +100,14 @@ def serve(args: argparse.Namespace) -> None:
     log_mod.setup("warning")
     state: Path = args.state_dir
     state.mkdir(parents=True, exist_ok=True)
-    tc = TelemetryConfig(buffer_budget_bytes=args.budget_mib * MIB)
+    tc = TelemetryConfig(buffer_budget_bytes=args.budget_mib * MIB, capture_commit=args.commit)
     cfg = AgentConfig(device_id="bench-001", state_dir=state, api=ApiConfig(listen=args.listen), telemetry=tc)
     buffer = Buffer(  # as agent/ops/daemon.py makes it
         state / "telemetry.db",
         budget_bytes=tc.buffer_budget_bytes,
         flush_interval_s=tc.flush_interval,
         max_record_bytes=tc.max_record_bytes,
+        synchronous=tc.buffer_synchronous,
     )
     buffer.start()
     serving = Serving(cfg, sink=buffer)
@@ -112,7 +118,9 @@ def serve(args: argparse.Namespace) -> None:
             "image": {"name": img.name, "version": img.version, "sha256": img.sha256},
         }  # fmt: skip
         sink: RecordSink = buffer if args.capture == "on" else NullSink()
-        img.capturer = Capturer(sink, CaptureSettings(enabled=True, sample_rate=args.sample_rate), lineage)
+        settings = CaptureSettings(enabled=True, sample_rate=args.sample_rate)
+        durable = args.capture == "on" and serving.commits is not None
+        img.capturer = Capturer(sink, settings, lineage, durable=durable)
     serving.scorer.smoke_test(img)
     serving.commit(img)
     serving.start(None, None)
@@ -128,6 +136,7 @@ def serve(args: argparse.Namespace) -> None:
     buffer.close()
     cap = img.capturer
     stats["capturer"] = {"refused": cap.refused, "truncated": cap.truncated} if cap else None
+    stats["commit_timeouts"] = serving.commits.timeouts if serving.commits is not None else None
     (state / "stats.json").write_text(json.dumps(stats))
 
 
@@ -156,6 +165,8 @@ def thread_cpu(pid: int) -> dict[int, float]:
 class Variant:
     key: str
     label: str
+    capture: str = "on"  # the serve subcommand's --capture
+    commit: str = "after_answer"  # and its --commit
     server: bl.Server | None = None
     state_dir: Path | None = None
     threads: dict[str, int] = field(default_factory=dict)  # name -> native id
@@ -190,7 +201,8 @@ def start_server(v: Variant, image_dir: Path, workdir: Path, budget_mib: int, sa
     v.state_dir = workdir / f"state-{v.key}"
     cmd = [
         sys.executable, str(Path(__file__).resolve()), "serve", "--image-dir", str(image_dir),
-        "--state-dir", str(v.state_dir), "--listen", f"127.0.0.1:{port}", "--capture", v.key,
+        "--state-dir", str(v.state_dir), "--listen", f"127.0.0.1:{port}", "--capture", v.capture,
+        "--commit", v.commit,
         "--budget-mib", str(budget_mib), "--sample-rate", str(sample_rate),
     ]  # fmt: skip
     v.server = bl.start_command(
@@ -237,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--state-dir", type=Path, required=True)
     s.add_argument("--listen", default="127.0.0.1:0")
     s.add_argument("--capture", choices=("on", "off", "null"), required=True)
+    s.add_argument("--commit", choices=("before_answer", "after_answer"), default="after_answer")
     s.add_argument("--budget-mib", type=int, default=256)
     s.add_argument("--sample-rate", type=float, default=1.0)
     ap.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: system temp dir)")
@@ -255,7 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         help="leave out the diagnostic server whose capturer drops its records",
     )  # fmt: skip
     ap.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    ap.add_argument("--quick", action="store_true", help="3 repeats of 0.5 s warmup + 2 s (a rough check)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.repeats, args.duration, args.warmup = 3, 2.0, 0.5
     if args.cmd == "serve":
         serve(args)
         return 0
@@ -279,11 +295,16 @@ def bench(workdir: Path, args: argparse.Namespace, client: str) -> int:
     x = bl.sample_input()
     path, body = ("/v2/models/mlp/infer", bl.v2_body(x)) if args.api == "v2" else ("/score", bl.score_body(x))
     variants = [
-        Variant("off", "capture off (buffer started, idle)"),
-        Variant("on", f"capture on, sample_rate {args.sample_rate:g}"),
+        Variant("off", "capture off (buffer started, idle)", capture="off"),
+        Variant("on", f"capture on, sample_rate {args.sample_rate:g}, after_answer"),
+        Variant(
+            "before", f"capture on, sample_rate {args.sample_rate:g}, before_answer", commit="before_answer"
+        ),
     ]
     if args.null_sink:
-        variants.append(Variant("null", "diagnostic: capture on, records dropped (no buffer)"))
+        variants.append(
+            Variant("null", "diagnostic: capture on, records dropped (no buffer)", capture="null")
+        )
     stats: dict[str, Any] = {}
     with bl.servers() as started:
         for v in variants:
@@ -311,9 +332,11 @@ def bench(workdir: Path, args: argparse.Namespace, client: str) -> int:
     background = load.result()
     info = bl.machine()
 
-    off, on = variants[0], variants[1]
+    off, on, before = variants[0], variants[1], variants[2]
     ratio = on.med("rps") / off.med("rps")
     paired = bl.median([a.rps / b.rps for a, b in zip(on.runs, off.runs, strict=True)])
+    ratio_before = before.med("rps") / off.med("rps")
+    paired_before = bl.median([a.rps / b.rps for a, b in zip(before.runs, off.runs, strict=True)])
     print(
         f"\n{bl.machine_line(info)}\nclient {client}, {args.connections} connections, {args.repeats} repeats "
         f"of {args.warmup:g} s warmup + {args.duration:g} s per server, POST {path}\n"
@@ -330,18 +353,23 @@ def bench(workdir: Path, args: argparse.Namespace, client: str) -> int:
             f"{v.med('rps') / off.med('rps'):.3f}",
         ])  # fmt: skip
     print(bl.fmt_table(head, rows))
-    s_on = stats.get("on") or {}
-    cap = (s_on.get("classes") or {}).get("capture", {})
-    print(
-        f"\nbuffer of the capture server at the end: {s_on.get('committed', '?')} records committed, "
-        f"{cap.get('records', '?')} kept ({cap.get('bytes', 0) / MIB:.0f} MiB), dropped "
-        f"{json.dumps(s_on.get('dropped'))}, capturer {json.dumps(s_on.get('capturer'))}"
-    )
+    for key in ("on", "before"):
+        s_on = stats.get(key) or {}
+        cap = (s_on.get("classes") or {}).get("capture", {})
+        print(
+            f"\nbuffer of the {key!r} server at the end: {s_on.get('committed', '?')} records committed, "
+            f"{cap.get('records', '?')} kept ({cap.get('bytes', 0) / MIB:.0f} MiB), dropped "
+            f"{json.dumps(s_on.get('dropped'))}, capturer {json.dumps(s_on.get('capturer'))}"
+        )
     print("\n" + bl.MachineLoad.line(background))
     verdict = "meets" if ratio >= TARGET_RATIO else "below"
     print(
         f"\nratio = median req/s with capture / median req/s without: {ratio:.3f} ({verdict} the target "
         f">= {TARGET_RATIO}); median of the per-repeat ratios {paired:.3f}"
+    )
+    print(
+        f"before_answer: {ratio_before:.3f} of capture off (per-repeat median {paired_before:.3f}), "
+        f"{before.med('rps') / on.med('rps'):.3f} of after_answer"
     )
     print(f"\ntotal time {time.monotonic() - t_start:.0f} s")
     if args.json:
@@ -350,6 +378,8 @@ def bench(workdir: Path, args: argparse.Namespace, client: str) -> int:
             "target_ratio": TARGET_RATIO,
             "ratio": round(ratio, 4),
             "paired_ratio_median": round(paired, 4),
+            "ratio_before_answer": round(ratio_before, 4),
+            "paired_ratio_before_answer_median": round(paired_before, 4),
             "client": client,
             "connections": args.connections,
             "repeats": args.repeats,

@@ -523,3 +523,93 @@ def test_acks_stay_within_the_budget(tmp_path: Path) -> None:
             assert buf.size_bytes() <= budget, buf.size_bytes()
     finally:
         buf.close()
+
+
+def test_urgent_puts_commit_at_once_and_listeners_learn_their_tickets(make: Any, tmp_path: Path) -> None:
+    """Tickets count every accepted record in order; put_urgent() does not wait for flush_interval_s
+    (an hour here), and a listener hears of each ticket only once it is in the file."""
+    b = make(flush_interval_s=3600)
+    seen: list[int] = []
+    on_disk: list[int] = []
+    heard = threading.Event()
+    db = sqlite3.connect(tmp_path / "buffer.db", check_same_thread=False)  # read on the writer's thread
+
+    def listener(ticket: int) -> None:
+        seen.append(ticket)
+        on_disk.append(db.execute("SELECT count(*) FROM records_capture").fetchone()[0])
+        heard.set()
+
+    b.add_commit_listener(listener)
+    assert b.put(C.EVENT, b"first") and b.put(C.EVENT, b"second")  # tickets 1 and 2, not urgent
+    time.sleep(0.3)
+    assert seen == []  # nothing urgent yet: the writer sleeps on
+    t0 = time.monotonic()
+    assert b.put_urgent(C.CAPTURE, b"answered") == 3
+    assert heard.wait(TIMEOUT_S)
+    assert time.monotonic() - t0 < 1.0
+    assert seen[-1] >= 3 and on_disk[-1] == 1  # the listener ran after the commit
+    assert b.stats()["classes"]["event"]["records"] == 2  # the earlier records went in with it
+    assert b.put_urgent(C.CAPTURE, bytes(2 << 20)) == 0  # refused (too large): no ticket
+    db.close()
+
+
+def test_every_file_has_an_epoch_and_a_new_file_a_new_one(tmp_path: Path) -> None:
+    path = tmp_path / "buffer.db"
+    with Buffer(path, budget_bytes=16 << 20) as b:
+        first = b.epoch
+        assert len(first) == 16 and int(first, 16) and not b.pre_epoch
+    with Buffer(path, budget_bytes=16 << 20) as b:
+        assert b.epoch == first  # kept across restarts
+        wal = path.with_name("buffer.db-wal")
+        size = wal.stat().st_size
+        b.sync()  # a transaction of its own, fsynced: the WAL grows by its frame
+        assert wal.stat().st_size > size
+    for f in tmp_path.glob("buffer.db*"):
+        f.unlink()
+    with Buffer(path, budget_bytes=16 << 20) as b:
+        assert b.epoch != first
+        assert b.stats()["epoch"] == b.epoch
+
+    # a file written before epochs (schema version 1) gets one, and is marked as such
+    old = tmp_path / "v1.db"
+    db = sqlite3.connect(old)
+    for stmt in MIGRATIONS[0]:
+        db.execute(stmt)
+    db.execute("INSERT INTO records_event (ts, payload) VALUES (1, x'00')")
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    with Buffer(old, budget_bytes=16 << 20) as b:
+        epoch = b.epoch
+        assert b.pre_epoch and len(epoch) == 16
+        assert b.stats()["classes"]["event"]["records"] == 1
+    with Buffer(old, budget_bytes=16 << 20) as b:
+        assert b.epoch == epoch and b.pre_epoch
+
+
+def test_records_put_while_a_commit_runs_share_the_next_one(make: Any) -> None:
+    """Group commit: while the writer is busy (here: held in its listener after the first
+    transaction), urgent records queue up, and the next round commits all of them together."""
+    b = make(flush_interval_s=3600)
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def listener(ticket: int) -> None:
+        calls.append(ticket)
+        if len(calls) == 1:
+            gate.wait(TIMEOUT_S)
+
+    b.add_commit_listener(listener)
+    first = b.put_urgent(C.CAPTURE, b"first")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not calls:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    later = [b.put_urgent(C.CAPTURE, b"later %d" % i) for i in range(50)]
+    assert later == list(range(first + 1, first + 51))
+    gate.set()
+    while not calls or calls[-1] < later[-1]:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert calls == [first, later[-1]]  # one transaction for the fifty
+    assert b.stats()["classes"]["capture"]["records"] == 51

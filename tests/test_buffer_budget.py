@@ -134,10 +134,13 @@ def test_a_transaction_writes_exactly_the_counters_that_changed() -> None:
 
 
 def test_sealed_batches_merge_within_the_transaction_bounds() -> None:
-    def seg(n: int, size: int) -> tuple[dict[str, list[tuple[float, int | None, bytes]]], int, int]:
-        return {"capture": [(0.0, None, b"x" * size)] * n, "event": []}, n, n * size
+    def seg(
+        n: int, size: int, hi: int
+    ) -> tuple[dict[str, list[tuple[float, int | None, bytes]]], int, int, int]:
+        return {"capture": [(0.0, None, b"x" * size)] * n, "event": []}, n, n * size, hi
 
-    merged = merge([seg(3, 10), seg(3, 10), seg(3, 10), seg(1, 100)], txn_rows=7, txn_bytes=100)
-    # 3 + 3 rows fit in 7; a third 3 would not; the third and the fourth exceed 100 bytes together
-    assert [(n, b) for _, n, b in merged] == [(6, 60), (3, 30), (1, 100)]
+    merged = merge([seg(3, 10, 3), seg(3, 10, 6), seg(3, 10, 9), seg(1, 100, 10)], txn_rows=7, txn_bytes=100)
+    # 3 + 3 rows fit in 7; a third 3 would not; the third and the fourth exceed 100 bytes together.
+    # A merged transaction covers the tickets of its last segment (they are sealed in ticket order).
+    assert [(n, b, hi) for _, n, b, hi in merged] == [(6, 60, 6), (3, 30, 9), (1, 100, 10)]
     assert len(merged[0][0]["capture"]) == 6

@@ -49,6 +49,7 @@ class Agent:
             budget_bytes=tc.buffer_budget_bytes,
             flush_interval_s=tc.flush_interval,
             max_record_bytes=tc.max_record_bytes,
+            synchronous=tc.buffer_synchronous,
         )
         self.serving = Serving(cfg, sink=self.buffer)
         self.deployer = Deployer(
@@ -63,11 +64,11 @@ class Agent:
         )
         self._stop = threading.Event()
         sc = cfg.sync
-        self.backend = open_sync_backend(cfg, self._stop.is_set)
+        self.backend = open_sync_backend(cfg, self._sync_should_stop)
         self.uploader = Uploader(
             self.buffer, self.backend, cfg.device_id, self.db, batch_max_records=sc.batch_max_records,
             batch_max_bytes=sc.batch_max_bytes, max_batch_age_s=sc.max_batch_age, interval_s=sc.interval,
-            compress_level=sc.compress_level,
+            compress_level=sc.compress_level, drain_timeout_s=sc.drain_timeout,
         )  # fmt: skip
         self.serving.metrics.telemetry_source = self._telemetry_state
         self.telemetry = Telemetry(
@@ -77,6 +78,11 @@ class Agent:
             extra=self._telemetry_state,
             interval_s=cfg.telemetry.interval,
         )  # fmt: skip
+
+    def _sync_should_stop(self) -> bool:
+        # Once stopping, the storage client's backoffs are cut short (the uploader must be free for
+        # its final drain soon), except during that drain, which has its own deadline.
+        return self._stop.is_set() and not self.uploader.draining
 
     def _telemetry_state(self) -> dict[str, Any]:
         return {"buffer": self.buffer.stats(), "sync": self.uploader.state.as_dict()}
@@ -205,8 +211,11 @@ class Agent:
         worker.join(timeout=10.0)
         self.serving.stop()  # requests in flight finish first: their captures reach the buffer
         self.telemetry.stop()
-        self.uploader.stop()
-        self.buffer.close()  # commits what is queued
+        # Committed before the drain, so that the drain ships them too (sync.drain_timeout).
+        if not self.buffer.flush(_FLUSH_AT_STOP_S):
+            log.warning("agent.buffer_flush_incomplete", timeout_s=_FLUSH_AT_STOP_S)
+        self.uploader.stop()  # the final drain
+        self.buffer.close()  # commits what is still queued
         self.backend.close()
         self.channel.stop()
         self.fetcher.close()
@@ -219,6 +228,8 @@ class Agent:
 
 #: run.json is rewritten at least this often while nothing in it changes; status.STALE_AFTER_S is 60.
 _RUNINFO_REFRESH_S = 15.0
+#: How long the stop waits for the buffer to commit what the API and the telemetry thread put last.
+_FLUSH_AT_STOP_S = 10.0
 #: Slack on top of a known bound (init_timeout, ready_timeout) when extending the start timeout.
 _START_MARGIN_S = 30.0
 #: The deployer's intake lock held this long means the intake is wedged (it is held for the

@@ -13,9 +13,10 @@ from typing import Any
 
 from agent.config import AgentConfig
 from agent.serving.api import ApiServer, ScoringApp, TlsSettings
+from agent.serving.commits import CommitWaiter
 from agent.serving.runtime import LoadedImage, Runtime, RuntimeSettings
 from agent.serving.scoring import Scorer
-from agent.telemetry.capture import Capturer, CaptureSettings, RecordSink
+from agent.telemetry.capture import Capturer, CaptureSettings, RecordSink, UrgentSink
 from agent.telemetry.collections import Collections, child_env
 from agent.telemetry.metrics import Metrics
 from edge_core import manifest as mf
@@ -38,6 +39,11 @@ class Serving:
         self.metrics = Metrics()
         self.executor = ThreadPoolExecutor(max_workers=cfg.api.threads, thread_name_prefix="score")
         self.api: ApiServer | None = None
+        tc = cfg.telemetry
+        self.commits: CommitWaiter | None = None
+        if tc.capture_commit == "before_answer" and isinstance(sink, UrgentSink):
+            self.commits = CommitWaiter(tc.capture_commit_timeout, self.metrics.commit_timeout)
+            sink.add_commit_listener(self.commits.notify)
 
     def _make_worker(self, image_dir: Path, meta: dict[str, Any], env: dict[str, str] | None = None) -> Any:
         from agent.serving.pyenv import ensure_image_env
@@ -78,6 +84,7 @@ class Serving:
                 max_body=self.cfg.api.max_body_bytes,
                 token=token,
                 executor=self.executor,
+                commits=self.commits,
             )
             api = self.cfg.api
             tls = TlsSettings(api.cert, api.key, api.client_ca) if api.cert and api.key else None
@@ -129,7 +136,7 @@ class Serving:
             "rollout_id": manifest.rollout_id, "generation": manifest.generation,
             "image": {"name": img.name, "version": img.version, "sha256": img.sha256},
         }  # fmt: skip
-        img.capturer = Capturer(self.sink, settings, lineage)
+        img.capturer = Capturer(self.sink, settings, lineage, durable=self.commits is not None)
 
     def prepare(self, image_dir: Path, manifest: mf.Manifest) -> LoadedImage:
         img = self.runtime.load(image_dir, manifest.runtime, self._worker_env(manifest))

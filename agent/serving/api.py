@@ -7,6 +7,11 @@ parser and the model. Inference of a model without score.py runs on the event lo
 model is fast (its smoke test took under ``inline_max_ms``): for small edge models a thread hop
 costs more than the inference. Slower models and score.py requests (a blocking call to a worker
 process) run in a thread pool, so the loop keeps answering health checks. See docs/api.md.
+
+A captured request is answered once its record is committed to the telemetry buffer when the
+deployment's capture is durable (``telemetry.capture_commit = "before_answer"``): the request awaits
+a future that the buffer's writer resolves (:mod:`agent.serving.commits`), so the loop serves other
+requests meanwhile.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import uvicorn
 
 from agent import __version__
 from agent.serving import azureml
+from agent.serving.commits import CommitWaiter
 from agent.serving.runtime import LoadedImage, Runtime
 from agent.serving.scoring import BinaryReply, Scorer, model_config
 from agent.telemetry.capture import Capturer
@@ -67,8 +73,10 @@ class ScoringApp:
         max_body: int,
         token: str | None,
         executor: ThreadPoolExecutor,
+        commits: CommitWaiter | None = None,
     ) -> None:
         self.runtime = runtime
+        self.commits = commits
         self.scorer = scorer
         self.metrics = metrics
         self.max_body = max_body
@@ -267,9 +275,10 @@ class ScoringApp:
         ts = time.time()
         # records are JSON: a binary tensor exchange is recorded as its JSON equivalent
         rec_in, rec_out = out.as_json() if isinstance(out, BinaryReply) else (body, out)
+        ticket = 0
         if captured:
             assert cap is not None
-            cap.record(
+            ticket = cap.record(
                 api=api,
                 model=model,
                 version=img.version,
@@ -283,6 +292,10 @@ class ScoringApp:
             )
         if col is not None:
             _collect(col, scope, rid, ts, rec_in, status, rec_out, collected)
+        if ticket and self.commits is not None:
+            # The client learns of its answer only once the record of it would survive a crash of
+            # the agent; bounded, so a wedged disk slows answers down but never stops them.
+            await self.commits.wait(ticket)
         await _raw(send, status, out, headers if rid and headers else [(b"x-request-id", rid.encode())])
 
     async def _get(self, send: Send, path: str) -> None:
@@ -533,6 +546,8 @@ class ApiServer:
 
         async def serve() -> None:
             self._loop = asyncio.get_running_loop()
+            if self.app.commits is not None:
+                self.app.commits.bind(self._loop)
             await self._server.serve(sockets=[self.sock])
 
         uvloop.run(serve())

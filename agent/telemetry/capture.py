@@ -3,7 +3,9 @@
 The hot path does as little as possible: one random draw, and for a sampled request one bytes
 concatenation (the request body and the response body are JSON already, and the lineage of the
 serving image is encoded once per image) handed to the buffer's in-memory queue. Nothing here
-parses, encodes tensors, or touches the disk.
+parses, encodes tensors, or touches the disk. With ``durable`` (``telemetry.capture_commit =
+"before_answer"``) the record is put with :meth:`UrgentSink.put_urgent`, and :meth:`Capturer.record`
+returns its ticket: the scoring API holds the answer until the buffer says that ticket is committed.
 
 A record (one JSON object, one line in the uploaded JSON Lines blobs)::
 
@@ -21,9 +23,9 @@ from __future__ import annotations
 import itertools
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import orjson
 
@@ -33,6 +35,17 @@ _HEAD = b'%s,"model":%s,"model_version":%s,"request_id":%s,"ts":%.6f,"api":"%s",
 
 class RecordSink(Protocol):
     def put(self, cls: Any, payload: Any, priority: int | None = None, ts: float | None = None) -> bool: ...
+
+
+@runtime_checkable
+class UrgentSink(Protocol):
+    """A sink that can say when a record is on disk (agent.telemetry.buffer.Buffer)."""
+
+    def put_urgent(
+        self, cls: Any, payload: Any, priority: int | None = None, ts: float | None = None
+    ) -> int: ...
+
+    def add_commit_listener(self, fn: Callable[[int], None]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -66,9 +79,17 @@ class Capturer:
     _boot = os.urandom(4).hex()
 
     def __init__(
-        self, sink: RecordSink | None, settings: CaptureSettings, lineage: Mapping[str, Any]
+        self,
+        sink: RecordSink | None,
+        settings: CaptureSettings,
+        lineage: Mapping[str, Any],
+        *,
+        durable: bool = False,
     ) -> None:
         self.sink = sink
+        # A sink that cannot report commits (a test's list, the benchmark's null sink) is never
+        # waited for: there would be nothing to wait on.
+        self._urgent = sink.put_urgent if durable and isinstance(sink, UrgentSink) else None
         self.settings = settings
         self._prefix = b'{"lineage":' + orjson.dumps(lineage)
         self.truncated = 0
@@ -100,8 +121,10 @@ class Capturer:
         body: bytes,
         out: bytes,
         raw: bool = False,
-    ) -> None:
-        """``raw``: the bodies are a score.py request and answer, which need not be JSON."""
+    ) -> int:
+        """``raw``: the bodies are a score.py request and answer, which need not be JSON. Returns the
+        record's ticket when the capturer is durable and the buffer took it, else 0 (nothing to
+        wait for)."""
         s = self.settings
         if raw:
             body, out = _as_json(body), _as_json(out)
@@ -121,9 +144,15 @@ class Capturer:
                 parts += (b',"output":', out or b"null")
             parts.append(b"}")
             rec = b"".join(parts)
+        if self._urgent is not None:
+            ticket = self._urgent(CLASS, rec, None, ts)
+            if not ticket:
+                self.refused += 1
+            return ticket
         assert self.sink is not None
         if not self.sink.put(CLASS, rec, ts=ts):
             self.refused += 1
+        return 0
 
 
 def _as_json(data: bytes) -> bytes:

@@ -110,6 +110,12 @@ class Metrics:
             "edge_scoring_refused", "Requests refused before scoring", ["reason"], registry=r
         )
         self.swaps = Gauge("edge_runtime_swaps", "Images made current since the agent started", registry=r)
+        self.commit_timeouts = Counter(
+            "edge_capture_commit_timeouts",
+            "Captured requests answered before their record was committed "
+            "(telemetry.capture_commit_timeout passed: a slow or wedged disk)",
+            registry=r,
+        )
         self._window: dict[tuple[str, str], InferenceWindow] = {}
         #: the buffer's and the uploader's state ({"buffer": Buffer.stats(), "sync": SyncState}), read
         #: at scrape time only
@@ -169,6 +175,9 @@ class Metrics:
         self.sync_failing.clear()
         if err := sync.get("last_error"):
             self.sync_failing.labels(err.get("code", "")).set(1)
+
+    def commit_timeout(self) -> None:
+        self.commit_timeouts.inc()
 
     def rejected(self, reason: str) -> None:
         self.refused.labels(reason).inc()

@@ -19,9 +19,11 @@ kept in one bounded SQLite file (WAL) until the uploader has shipped them (docs/
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +105,9 @@ class Buffer:
         # Validates the budget now, with SQLite's default page size; start() redoes it with the file's.
         sizing = plan(self._limits, 4096)
         self._closed = False
+        self._epoch: str | None = None
+        self._pre_epoch = False
+        self._sync_warned = -math.inf
         self._writer = Writer(
             self.path,
             self._limits,
@@ -126,14 +131,29 @@ class Buffer:
         except sqlite3.Error as e:
             opened.db.close()  # a no-op when the writer has closed it already
             raise BufferUnavailable(f"cannot open {self.path}: {e}") from e
+        self._epoch, self._pre_epoch = opened.epoch, opened.pre_epoch
         log.info(
             "buffer.opened",
             path=str(self.path),
+            epoch=opened.epoch,
             budget_bytes=self._limits.budget_bytes,
             size_bytes=self.size_bytes(),
             synchronous=self._synchronous,
             evicted=sum(n for n, _ in evicted.values()),
         )
+
+    @property
+    def epoch(self) -> str:
+        """The file's id, made when it was created: a new file (the old one deleted or set aside as
+        corrupt) has a new one, and its seqs start at 1 again. Known once started."""
+        if self._epoch is None:
+            raise RuntimeError("the buffer's epoch is known once it has started")
+        return self._epoch
+
+    @property
+    def pre_epoch(self) -> bool:
+        """The file was used by an agent that did not know epochs (its upload intents carry none)."""
+        return self._pre_epoch
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -151,6 +171,20 @@ class Buffer:
         close(), uncounted.
         """
         return self._writer.put(cls, payload, priority, ts)
+
+    def put_urgent(
+        self, cls: RecordClass, payload: Any, priority: int | None = None, ts: float | None = None
+    ) -> int:
+        """put(), and the writer commits at once instead of at the next ``flush_interval_s``, together
+        with whatever else arrives meanwhile (group commit). Never blocks, never raises. Returns the
+        record's ticket (> 0), or 0 when it was refused; a commit listener learns when it is on disk."""
+        return self._writer.put_urgent(cls, payload, priority, ts)
+
+    def add_commit_listener(self, fn: Callable[[int], None]) -> None:
+        """Call ``fn(ticket)`` on the writer thread after each transaction: every record whose ticket
+        is at most ``ticket`` is committed (or was dropped by a write error, and counted). Tickets
+        count the records put() and put_urgent() accepted, in order. ``fn`` must be quick."""
+        self._writer.add_listener(fn)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every record put before this call is committed (or dropped). True when all of
@@ -184,6 +218,22 @@ class Buffer:
         Returns how many records this call deleted."""
         return self._reader.ack(cls, seqs)
 
+    def sync(self) -> bool:
+        """Make every record committed so far survive a power cut, whatever ``synchronous`` is: one
+        tiny transaction with an fsync of the WAL, which holds all earlier commits. The uploader calls
+        it before it names a batch, so that a power cut can never take back records (and their seqs)
+        that a stored blob is already named after. False (logged) when the write failed: a full
+        disk must not stop the uploads, which are what frees it."""
+        try:
+            self._reader.sync()
+        except sqlite3.Error as e:
+            now = time.monotonic()
+            if now - self._sync_warned >= 60:
+                self._sync_warned = now
+                log.warning("buffer.sync_failed", path=str(self.path), error=str(e))
+            return False
+        return True
+
     def size_bytes(self) -> int:
         """Disk the buffer occupies now or after the next checkpoint, whichever is more: the main
         file (its logical size, page_count x page_size, or its size on disk if larger) + WAL + shm."""
@@ -206,4 +256,5 @@ class Buffer:
             "queued_bytes": queued_bytes,
             "size_bytes": self.size_bytes(),
             "budget_bytes": self._limits.budget_bytes,
+            "epoch": self._epoch,
         }

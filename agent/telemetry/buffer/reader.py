@@ -11,6 +11,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,22 @@ class Reader:
         self._page_size = 4096
 
     def open(self, db: sqlite3.Connection, page_size: int) -> None:
+        # FULL whatever the writer's setting: an ack (and sync()) is on disk before the uploader
+        # clears its intent, and its fsync of the WAL takes every earlier commit along.
+        db.execute("PRAGMA synchronous=FULL")
         with self._lock:
             self._db = db
             self._page_size = page_size
+
+    def sync(self) -> None:
+        """See Buffer.sync: one small write transaction on this FULL connection."""
+        with self._lock:
+            db = self._conn()
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('synced_at', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (repr(time.time()),),  # a changed row: a row written unchanged adds no WAL frame
+            )
 
     def close(self) -> None:
         with self._lock:

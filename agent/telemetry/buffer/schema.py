@@ -1,11 +1,17 @@
 """The buffer's file (docs/buffer.md, "Schema"): one table per record class, the migrations that make
 them, and opening the file: WAL, the budget's pragmas, and a malformed file set aside rather than
-allowed to keep the agent from serving."""
+allowed to keep the agent from serving.
+
+Every file has an *epoch*: an id made when the file is created (or, for a file from before epochs,
+when it is first opened by an agent that knows them). Sequence numbers restart at 1 in a new file, so
+the uploader names blobs by epoch and sequence range together: a buffer set aside as corrupt, or
+deleted, can never overwrite the blobs of the one before it (docs/monitoring.md, "Upload")."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -58,9 +64,24 @@ def _migration_v1() -> list[str]:
 _MIGRATION_V2 = _class_tables(RecordClass.COLLECTION)
 
 
+def _migration_v3() -> list[str]:
+    # Facts about the file itself (its epoch), as text: a new fact needs no migration.
+    return ["CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID"]
+
+
 #: MIGRATIONS[i] takes user_version i to i + 1, in one transaction with the version bump.
-MIGRATIONS: Final[tuple[list[str], ...]] = (_migration_v1(), _MIGRATION_V2)
+MIGRATIONS: Final[tuple[list[str], ...]] = (_migration_v1(), _MIGRATION_V2, _migration_v3())
 SCHEMA_VERSION: Final = len(MIGRATIONS)
+#: The first version with an epoch: a file migrated from an older one was used without epochs.
+EPOCH_VERSION: Final = 3
+
+
+def new_epoch(now: float | None = None) -> str:
+    """16 hex digits: the creation time in seconds (so blob names of later files sort after those of
+    earlier ones while the device's clock is right), then 32 random bits (so they never collide,
+    even when it is not: a device without a real-time clock boots in 1970)."""
+    t = int(time.time() if now is None else now)
+    return f"{max(0, t) & 0xFFFFFFFF:08x}{secrets.token_hex(4)}"
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -79,6 +100,9 @@ class Opened:
     db: sqlite3.Connection
     sizing: Sizing
     incremental: bool  # auto_vacuum=INCREMENTAL: the file can be shrunk (budget.Sizing.shrink_by)
+    epoch: str
+    #: The file was written by an agent without epochs: upload intents recorded without one are its.
+    pre_epoch: bool
 
 
 def used_pages(db: sqlite3.Connection) -> tuple[int, int]:
@@ -133,7 +157,7 @@ def _open(path: Path, synchronous: str, limits: Limits) -> Opened:
         # connect() set secure_delete=FAST: deleted records are zeroed where that costs no extra
         # I/O (captured inputs may be personal data), but freed pages are not rewritten, so an
         # eviction or an ack stays small in the WAL, which the budget relies on.
-        migrate(db, path)
+        epoch, pre_epoch = migrate(db, path)
         incremental = db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
         sizing = plan(limits, db.execute("PRAGMA page_size").fetchone()[0])
         db.execute(f"PRAGMA wal_autocheckpoint={sizing.wal_pages}")
@@ -144,10 +168,11 @@ def _open(path: Path, synchronous: str, limits: Limits) -> Opened:
     except BaseException:
         db.close()
         raise
-    return Opened(db, sizing, incremental)
+    return Opened(db, sizing, incremental, epoch, pre_epoch)
 
 
-def migrate(db: sqlite3.Connection, path: Path) -> None:
+def migrate(db: sqlite3.Connection, path: Path) -> tuple[str, bool]:
+    """Bring the file to SCHEMA_VERSION; returns its epoch, and whether it predates epochs."""
     db.execute("BEGIN IMMEDIATE")
     try:
         version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -159,6 +184,13 @@ def migrate(db: sqlite3.Connection, path: Path) -> None:
         for i in range(version, SCHEMA_VERSION):
             for stmt in MIGRATIONS[i]:
                 db.execute(stmt)
+        # In the migration's transaction: a new file never exists without its epoch. INSERT OR IGNORE
+        # keeps the one a file has (and gives one to a file whose row was lost).
+        db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)", (new_epoch(),))
+        if 0 < version < EPOCH_VERSION:
+            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('pre_epoch', '1')")
+        epoch = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
+        pre_epoch = db.execute("SELECT 1 FROM meta WHERE key = 'pre_epoch'").fetchone() is not None
         # user_version lives in the file header, so it commits (or not) with the migration.
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         db.execute("COMMIT")
@@ -168,3 +200,4 @@ def migrate(db: sqlite3.Connection, path: Path) -> None:
         raise
     if version < SCHEMA_VERSION:
         log.info("buffer.migrated", path=str(path), from_version=version, to_version=SCHEMA_VERSION)
+    return str(epoch), pre_epoch

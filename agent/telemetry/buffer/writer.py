@@ -6,6 +6,14 @@ lock held for a few hundred nanoseconds; one writer thread commits whole batches
 each (several at once when it has fallen behind). A commit that takes the buffer over its disk
 budget deletes, in the same transaction, the lowest-priority oldest records and adds them to the
 persisted drop counters, so the counters and the deletions can never disagree, even after kill -9.
+
+Every accepted record gets a *ticket*, in the order put() accepted it. After each transaction the
+writer tells its listeners the highest ticket it has processed (committed, or dropped by a write
+error), so a caller that must not go on before its record is on disk (the scoring API answering a
+captured request, ``telemetry.capture_commit = "before_answer"``) can wait for exactly that, without
+a thread of its own. :meth:`Writer.put_urgent` also wakes the writer at once instead of at the next
+``flush_interval_s``; records that arrive while a transaction runs go into the next one together
+(group commit), so one commit serves every request that was waiting.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -37,6 +45,8 @@ _REFUSALS: Final = frozenset({"too_large", "queue_full", "invalid"})
 
 _Row = tuple[float, int | None, bytes]  # (ts, priority, payload): exactly the INSERT's parameters
 _Segment = dict[str, list[_Row]]  # the rows of one transaction, per class
+#: A sealed segment: its rows, their count and payload bytes, and the highest ticket among them.
+_Sealed = tuple[_Segment, int, int, int]
 
 
 _now = time.time  # one global lookup on the hot path instead of two
@@ -54,19 +64,17 @@ def _new_segment() -> _Segment:
     return {str(c): [] for c in RecordClass}
 
 
-def merge(
-    segments: list[tuple[_Segment, int, int]], txn_rows: int, txn_bytes: int
-) -> list[tuple[_Segment, int, int]]:
+def merge(segments: list[_Sealed], txn_rows: int, txn_bytes: int) -> list[_Sealed]:
     """Consecutive sealed segments joined into transactions of up to txn_rows and txn_bytes."""
-    out: list[tuple[_Segment, int, int]] = []
-    for seg, n, nbytes in segments:
+    out: list[_Sealed] = []
+    for seg, n, nbytes, hi in segments:
         if out and out[-1][1] + n <= txn_rows and out[-1][2] + nbytes <= txn_bytes:
-            into, n0, b0 = out[-1]
+            into, n0, b0, _ = out[-1]
             for cls, rows in seg.items():
                 into[cls].extend(rows)
-            out[-1] = (into, n0 + n, b0 + nbytes)
+            out[-1] = (into, n0 + n, b0 + nbytes, hi)  # segments are in ticket order
         else:
-            out.append((seg, n, nbytes))
+            out.append((seg, n, nbytes, hi))
     return out
 
 
@@ -109,7 +117,9 @@ class Writer:
         self._seg: _Segment = _new_segment()
         self._seg_n = 0
         self._seg_b = 0
-        self._sealed: list[tuple[_Segment, int, int]] = []
+        self._sealed: list[_Sealed] = []
+        self._ticket = 0  # tickets handed out: the open segment holds those after the last sealed one
+        self._urgent = False  # put_urgent() was called since the writer last took the segments
         self._queued = 0  # records put and not yet committed (open + sealed + being written)
         self._queued_bytes = 0
         self._committed = 0
@@ -137,6 +147,7 @@ class Writer:
         self._tiers: list[int] = []
         self._pad: list[None] = []
         self._insert_sql: dict[tuple[str, int], str] = {}
+        self._listeners: list[Callable[[int], None]] = []
 
     # -------------------------------------------------------------------------------- lifecycle
 
@@ -230,6 +241,12 @@ class Writer:
             self._thread = None
         return True
 
+    def add_listener(self, fn: Callable[[int], None]) -> None:
+        """Call ``fn(ticket)`` on the writer thread after each transaction: every record whose ticket
+        is at most ``ticket`` is committed, or was dropped by a write error. ``fn`` must be quick and
+        must not call back into the buffer (it runs between the writer's transactions)."""
+        self._listeners.append(fn)
+
     def counters(self) -> tuple[dict[str, dict[str, dict[str, int]]], int, int, int]:
         """(drops per class and reason, committed, queued, queued bytes), for stats()."""
         dropped: dict[str, dict[str, dict[str, int]]] = {}
@@ -244,26 +261,39 @@ class Writer:
         self, cls: RecordClass, payload: Any, priority: int | None = None, ts: float | None = None
     ) -> bool:
         """Queue one record; O(1), never blocks on I/O, never raises (see Buffer.put)."""
+        return self._enqueue(cls, payload, priority, ts, False) != 0
+
+    def put_urgent(
+        self, cls: RecordClass, payload: Any, priority: int | None = None, ts: float | None = None
+    ) -> int:
+        """put(), and the writer commits at once (with whatever else arrives meanwhile). Returns the
+        record's ticket, 0 when it was refused."""
+        return self._enqueue(cls, payload, priority, ts, True)
+
+    def _enqueue(
+        self, cls: RecordClass, payload: Any, priority: int | None, ts: float | None, urgent: bool
+    ) -> int:
         try:
             if type(payload) is not bytes:
                 payload = _encode(payload)
             n = len(payload)
             if n > self._max_record:
                 self._count_drop(cls, DropReason.TOO_LARGE, n)
-                return False
+                return 0
             if priority is not None and (type(priority) is not int or not PRIO_MIN <= priority <= PRIO_MAX):
                 self._count_drop(cls, DropReason.INVALID, n)
-                return False
+                return 0
             if ts is None:
                 ts = _now()
             elif not math.isfinite(ts := float(ts)):
                 self._count_drop(cls, DropReason.INVALID, n)
-                return False
+                return 0
             row = (ts, priority, payload)
+            ticket = 0
             with self._lock:
                 rows = self._seg[cls]  # KeyError for an unknown class: counted below
                 if not self._accepting:
-                    return False
+                    return 0
                 full = self._queued >= self._queue_max or self._queued_bytes + n > self._queue_max_bytes
                 if full:
                     c = self._dropped.setdefault((str(cls), DropReason.QUEUE_FULL), [0, 0])
@@ -272,24 +302,30 @@ class Writer:
                     self._kick = True
                 else:
                     rows.append(row)
+                    self._ticket = ticket = self._ticket + 1
                     self._queued += 1
                     self._queued_bytes += n
                     self._seg_n += 1
                     self._seg_b += n
                     if self._seg_n >= self._batch_max or self._seg_b >= self._txn_bytes:
                         self._seal()
+                    elif urgent and not self._urgent:
+                        # Once per round: the records that follow while the writer commits ride
+                        # along in its next transaction (group commit).
+                        self._urgent = True
+                        self._wake.notify()
             if full:
                 # The writer is behind. If this thread keeps the GIL busy, the writer (which needs
                 # the GIL back after every sqlite3 call) may hardly run at all, and the refusals go
                 # on and on. Releasing the GIL once, outside the lock, lets it run. This is not a
                 # wait for I/O: the record is refused either way (docs/buffer.md, "The write path").
                 time.sleep(0)
-                return False
-            return True
+                return 0
+            return ticket
         except Exception:
             with contextlib.suppress(Exception):
                 self._count_drop(cls, DropReason.INVALID, len(payload) if isinstance(payload, bytes) else 0)
-            return False
+            return 0
 
     def _count_drop(self, cls: Any, reason: DropReason, nbytes: int) -> None:
         key = str(cls) if isinstance(cls, str) and cls in self._prio else "unknown"
@@ -301,7 +337,7 @@ class Writer:
 
     def _seal(self) -> None:
         """Close the open segment (under _lock): it becomes one transaction."""
-        self._sealed.append((self._seg, self._seg_n, self._seg_b))
+        self._sealed.append((self._seg, self._seg_n, self._seg_b, self._ticket))
         self._seg = _new_segment()
         self._seg_n = self._seg_b = 0
         self._wake.notify()
@@ -321,7 +357,13 @@ class Writer:
                 with self._lock:
                     self._settle(req_done)
                     deadline = time.monotonic() + self._interval
-                    while not (self._sealed or self._stopping or self._kick or self._flush_req > req_done):
+                    while not (
+                        self._sealed
+                        or self._urgent
+                        or self._stopping
+                        or self._kick
+                        or self._flush_req > req_done
+                    ):
                         left = deadline - time.monotonic()
                         if left <= 0:
                             break
@@ -329,11 +371,12 @@ class Writer:
                     if self._seg_n:
                         self._seal()
                     segments, self._sealed = self._sealed, []
-                    req, stop, self._kick = self._flush_req, self._stopping, False
+                    req, stop, self._kick, self._urgent = self._flush_req, self._stopping, False, False
                     self._snap = {k: (v[0], v[1]) for k, v in self._dropped.items()}
                 self._warn_refusals()
-                for seg, n, nbytes in merge(segments, self._txn_rows, self._txn_bytes):
+                for seg, n, nbytes, hi in merge(segments, self._txn_rows, self._txn_bytes):
                     self._write_segment(seg, n, nbytes)
+                    self._notify(hi)
                 if not segments and any(self._persisted.get(k) != v for k, v in self._snap.items()):
                     self._write_segment(_new_segment(), 0, 0)  # only counters changed
                 req_done = req
@@ -355,6 +398,13 @@ class Writer:
                     # A clean stop leaves no WAL behind (best effort: a reader may hold it).
                     w.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
                 w.close()
+
+    def _notify(self, ticket: int) -> None:
+        for fn in self._listeners:
+            try:
+                fn(ticket)
+            except Exception:  # a listener's bug must not stop the commits
+                log.error("buffer.listener_failed", exc_info=True)
 
     def _settle(self, req_done: int) -> None:
         """Under _lock: apply what the writer did since it last held the lock."""
@@ -413,6 +463,8 @@ class Writer:
         """One transaction: the segment's rows, the budget, the changed counters."""
         w = self._w
         assert w is not None
+        if self._one_statement(w, seg, n, nbytes):
+            return {}
         w.execute("BEGIN IMMEDIATE")
         try:
             for cls, rows in seg.items():
@@ -447,6 +499,28 @@ class Writer:
         for k, (r, b) in evicted.items():
             self._owe(k, r, b)
         return evicted
+
+    def _one_statement(self, w: sqlite3.Connection, seg: _Segment, n: int, nbytes: int) -> bool:
+        """Commit a small segment of one class as one INSERT in autocommit mode when nothing else
+        belongs in its transaction: the budget surely not reached, no counter changed. One sqlite3
+        call (one GIL release) instead of BEGIN, INSERT, COMMIT: under a durable capture
+        (before_answer) the writer commits a few records per round, and every answer waits for it."""
+        est = self._est_used
+        if est is None or not 0 < n <= self._tiers[-1]:
+            return False
+        filled = [(cls, rows) for cls, rows in seg.items() if rows]
+        if len(filled) != 1:
+            return False
+        after = self._sizing.estimate(est, n, nbytes)
+        if self._sizing.must_evict(after) or budget.counters_to_write(self._snap, {}, self._persisted):
+            return False
+        try:
+            self._insert(w, *filled[0])
+        except BaseException:
+            self._est_used = None
+            raise
+        self._est_used = after
+        return True
 
     def _insert(self, w: sqlite3.Connection, cls: str, rows: list[_Row]) -> None:
         # Fixed-size multi-row INSERTs, padded with NULL rows that its WHERE skips: one sqlite3 call
