@@ -331,7 +331,7 @@ def test_a_version_1_file_is_migrated_with_its_records(tmp_path: Path) -> None:
         assert b.put(C.COLLECTION, b"new") and b.flush(TIMEOUT_S)
         assert records(b, C.COLLECTION) == [b"new"]
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (2,)
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (3,)
 
 
 def test_schema_versions_and_damaged_files(tmp_path: Path) -> None:
