@@ -32,6 +32,7 @@ from cryptography.x509.oid import NameOID
 from deploy import pki
 from edge_core.errors import ControlPlaneError, ErrorCode
 from edge_core.fsutil import atomic_write
+from edge_core.topics import CLAIM_PREFIX
 
 OPERATOR_CN = "operator"
 #: A device id is a certificate CN, an MQTT username in ACL patterns and a file name here.
@@ -190,6 +191,35 @@ class Pki:
         cert = _sign_public_key(*self._issuer(), device, public_key)
         self._record(device, cert)
         return cert
+
+    def issue_claim(self, name: str) -> tuple[str, bytes, bytes]:
+        """A claim certificate for fleet provisioning: CN ``claim-NAME``, from the device CA.
+
+        It is recorded under ``issued/`` like a device's, so ``device revoke claim-NAME`` revokes it.
+        Returns ``(cn, cert_pem, key_pem)``; the key is shared by every device built with it.
+        """
+        cn = check_device_id(CLAIM_PREFIX + name)
+        ca_cert, ca_key = self._issuer()
+        cert, key = pki.issue_cert(ca_cert, ca_key, cn)
+        self._record(cn, cert)
+        return cn, cert, key
+
+    def issued_public_keys(self, device: str) -> list[bytes]:
+        """The DER public keys of every certificate issued to ``device`` (the provisioning handler
+        re-signs only for a key it has signed before, so that a lost answer can be asked again)."""
+        keys = []
+        for p in self.issued.glob(f"{device}-*.pem") if self.issued.is_dir() else []:
+            cert = x509.load_pem_x509_certificate(p.read_bytes())
+            if pki.cert_common_name(p.read_bytes()) == device:
+                keys.append(
+                    cert.public_key().public_bytes(
+                        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                    )
+                )
+        return keys
+
+    def revoked_devices(self) -> set[str]:
+        return {str(v["device"]) for v in self._read_revoked().values()}
 
     def _record(self, device: str, cert_pem: bytes) -> None:
         self.issued.mkdir(mode=0o700, exist_ok=True)

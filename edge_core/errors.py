@@ -107,6 +107,11 @@ class ErrorCode(StrEnum):
     PKI_MISSING = "pki_missing"
     ALREADY_EXISTS = "already_exists"
     CSR_INVALID = "csr_invalid"
+    # fleet provisioning (deploy/provision.py answers them; agent/ops/provision.py logs them)
+    PROVISIONING_REFUSED = "provisioning_refused"
+    PROVISIONING_CONFLICT = "provisioning_conflict"
+    PROVISIONING_REVOKED = "provisioning_revoked"
+    PROVISIONING_TIMEOUT = "provisioning_timeout"
     HOME_MISSING = "home_missing"
     # the control plane's HTTP API (deploy/web/)
     UNAUTHORIZED = "unauthorized"

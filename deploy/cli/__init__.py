@@ -17,7 +17,20 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from deploy.cli import broker, completion, deploy, device, image, init, keys, manifest, model, pki, serve
+from deploy.cli import (
+    broker,
+    completion,
+    deploy,
+    device,
+    image,
+    init,
+    keys,
+    manifest,
+    model,
+    pki,
+    provision,
+    serve,
+)
 from deploy.cli._common import (
     EXIT_FAILED,
     EXIT_HELD,
@@ -63,6 +76,7 @@ GROUPS: dict[str, _Group] = {
     "device": device,
     "deploy": deploy,
     "serve": serve,
+    "provision": provision,
     "manifest": manifest,
     "completion": completion,
 }

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 from deploy import config, signer
 from deploy.ca import Pki
 from deploy.cli._common import EXIT_OK, home_of, out
+from edge_core.errors import ControlPlaneError, ErrorCode
+from edge_core.fsutil import atomic_write
 
 if TYPE_CHECKING:
     from deploy.cli._common import Subparsers
@@ -34,6 +36,15 @@ def add_parser(sub: Subparsers) -> None:
     pi.add_argument("--device-port", type=int, default=8883, help="the broker's device listener")
     pi.add_argument("--operator-port", type=int, default=8884, help="the broker's operator listener")
     pi.add_argument("--force", action="store_true", help="replace an existing CA (re-enroll every device)")
+    pc = pk.add_parser(
+        "claim",
+        help="issue a fleet provisioning claim certificate (CN claim-NAME) into --out",
+    )
+    pc.add_argument("name", help="the claim's name; HOME/provisioning.toml's [claims.NAME] accepts it")
+    pc.add_argument(
+        "--out", type=Path, help="directory for claim.pem, claim.key, ca.pem (default ./claim-NAME)"
+    )
+    pc.add_argument("--force", action="store_true", help="write into an existing --out")
 
 
 def _broker_section(host: str, device_port: int, operator_port: int) -> str:
@@ -45,7 +56,26 @@ def _broker_section(host: str, device_port: int, operator_port: int) -> str:
     )
 
 
+def _claim(args: argparse.Namespace) -> int:
+    ca = Pki.of_home(home_of(args))
+    ca.require()
+    dest: Path = args.out or Path(f"claim-{args.name}")
+    if dest.exists() and not args.force:
+        raise ControlPlaneError(
+            ErrorCode.ALREADY_EXISTS, f"{dest} already exists", "pass --force, or another --out"
+        )
+    cn, cert, key = ca.issue_claim(args.name)
+    dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+    atomic_write(dest / "claim.key", key, mode=0o600)
+    atomic_write(dest / "claim.pem", cert, mode=0o644)
+    atomic_write(dest / "ca.pem", ca.ca.read_bytes(), mode=0o644)
+    out(args, {"claim": cn, "out": str(dest), "files": ["ca.pem", "claim.key", "claim.pem"]})
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.cmd == "claim":
+        return _claim(args)
     home: Path = home_of(args)
     home.mkdir(parents=True, exist_ok=True)
     doc = Pki.of_home(home).init(args.broker_host, force=args.force)

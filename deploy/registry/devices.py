@@ -102,6 +102,17 @@ class Devices(Store):
             where, params = tag_filter(self.db, "tags", tags)
         return [_device(r) for r in self._rows(f"SELECT * FROM devices WHERE {where} ORDER BY id", params)]
 
+    def provision_device(self, device_id: str, tags: Mapping[str, str]) -> dict[str, Any]:
+        """Record a device the provisioning handler issued a certificate to, with its policy's tags
+        (merged over any it has: a re-asked answer must not undo an operator's ``device tag``)."""
+        with self.tx():
+            self.db.execute(
+                "INSERT INTO devices (id, tags, online, last_seen, inventory, status, last_generation, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                [device_id, "{}", 0, None, None, None, 0, now()],
+            )
+        return self.tag_device(device_id, tags)
+
     def tag_device(
         self, device_id: str, set_tags: Mapping[str, str], remove: Sequence[str] = ()
     ) -> dict[str, Any]:
