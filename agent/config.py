@@ -255,6 +255,28 @@ class SyncConfig:
 
 
 @dataclass
+class ProvisioningConfig:
+    """Fleet provisioning (docs/control-plane.md): with ``claim_cert`` set and no identity in
+    ``identity_dir`` yet, the agent asks the control plane for one before it opens the channel."""
+
+    #: The shared claim certificate and key (CN ``claim-NAME``); unset: the device was enrolled.
+    claim_cert: Path | None = None
+    claim_key: Path | None = None
+    #: Where the device id comes from: "config" (``device_id`` here, else the top-level one),
+    #: "machine-id" (the file ``machine_id_file``) or "hostname"; then put into ``device_id_template``.
+    device_id_source: str = "config"
+    device_id: str = ""
+    device_id_template: str = "{id}"
+    machine_id_file: Path = Path("/etc/machine-id")
+    #: Where the new key (0600) and certificate are kept; default ``<state_dir>/identity``.
+    identity_dir: Path | None = None
+    #: Seconds to wait for an answer to one request; then retried, after a backoff.
+    timeout: float = 30.0
+    backoff_min: float = 2.0
+    backoff_max: float = 300.0
+
+
+@dataclass
 class AgentConfig:
     device_id: str = ""
     state_dir: Path = Path("/var/lib/edge-agent")
@@ -272,6 +294,7 @@ class AgentConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    provisioning: ProvisioningConfig = field(default_factory=ProvisioningConfig)
 
     def control_endpoint(self) -> str:
         """``host:port`` of the control channel in use (IoT Hub's port is always 8883)."""
@@ -280,9 +303,10 @@ class AgentConfig:
         return f"{self.mqtt.host}:{self.mqtt.port}"
 
     def validate(self) -> None:
-        if not self.device_id:
+        provisioned = self._validate_provisioning()
+        if not self.device_id and not provisioned:
             raise ConfigError("device_id", "is required (the device's id, equal to its certificate's CN)")
-        if not _ID.match(self.device_id):
+        if self.device_id and not _ID.match(self.device_id):
             raise ConfigError("device_id", f"{self.device_id!r} may only use letters, digits and . _ : -")
         if self.transport not in ("mqtt", "iothub"):
             raise ConfigError("transport", f'{self.transport!r} is neither "mqtt" nor "iothub"')
@@ -301,7 +325,12 @@ class AgentConfig:
         if self.mqtt.reconnect_min <= 0 or self.mqtt.reconnect_max < self.mqtt.reconnect_min:
             raise ConfigError("mqtt.reconnect_max", "need 0 < reconnect_min <= reconnect_max")
         tls = [self.mqtt.ca, self.mqtt.cert, self.mqtt.key]
-        if any(tls) and not all(tls):
+        # a device still to provision has the broker's CA only: its identity comes later
+        if (
+            any(tls)
+            and not all(tls)
+            and not (provisioned and self.mqtt.cert is None and self.mqtt.key is None)
+        ):
             raise ConfigError("mqtt", "ca, cert and key go together (mutual TLS); set all three or none")
         for name in ("ca", "cert", "key"):
             p = getattr(self.mqtt, name)
@@ -371,6 +400,32 @@ class AgentConfig:
             raise ConfigError("sync.drain_timeout", "must be >= 0 (0: no upload at shutdown)")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level", "must be one of debug, info, warning, error")
+
+    def _validate_provisioning(self) -> bool:
+        """Whether this device provisions itself (and the section is sound)."""
+        pv = self.provisioning
+        if pv.claim_cert is None and pv.claim_key is None:
+            return False
+        for name in ("claim_cert", "claim_key"):
+            p = getattr(pv, name)
+            if p is None or not p.is_file():
+                raise ConfigError(
+                    f"provisioning.{name}", f"file {p} does not exist (claim_cert and claim_key go together)"
+                )
+        if self.transport != "mqtt" or self.mqtt.ca is None:
+            raise ConfigError("provisioning", 'needs transport = "mqtt" and mqtt.ca (the broker\'s CA)')
+        if pv.device_id_source not in ("config", "machine-id", "hostname"):
+            raise ConfigError(
+                "provisioning.device_id_source",
+                f'{pv.device_id_source!r} is not "config", "machine-id" or "hostname"',
+            )
+        if pv.device_id_source == "config" and not (pv.device_id or self.device_id):
+            raise ConfigError("provisioning.device_id", 'is required with device_id_source = "config"')
+        if "{id}" not in pv.device_id_template:
+            raise ConfigError("provisioning.device_id_template", "must contain {id}")
+        if pv.timeout <= 0 or pv.backoff_min <= 0 or pv.backoff_max < pv.backoff_min:
+            raise ConfigError("provisioning.timeout", "need timeout > 0 and 0 < backoff_min <= backoff_max")
+        return True
 
     def _validate_iothub(self) -> None:
         hub = self.iothub
@@ -460,6 +515,9 @@ def load(path: Path | None, env: Mapping[str, str] | None = None) -> AgentConfig
                 if p is not None:
                     setattr(section, name, base / p)
         cfg.trust.keys = [base / p for p in cfg.trust.keys]
+        for name in ("claim_cert", "claim_key", "identity_dir"):
+            if (p := getattr(cfg.provisioning, name)) is not None:
+                setattr(cfg.provisioning, name, base / p)
         if cfg.download.ca is not None:
             cfg.download.ca = base / cfg.download.ca
         for name in ("token_file", "cert", "key", "client_ca"):

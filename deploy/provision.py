@@ -183,7 +183,7 @@ class ProvisioningService:
             client.subscribe(f"{self.cfg.broker.prefix}/provisioning/+/request", qos=1)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        self._queue.put((msg.topic, msg.payload))
+        self._queue.put((msg.topic, bytes(msg.payload)))
 
     def step(self, timeout: float = 0.0) -> int:
         """Answer the requests waiting (after at most ``timeout`` s for the first); returns how many."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from agent import __version__
@@ -71,7 +73,16 @@ def main(argv: list[str] | None = None) -> int:
         return _status(cfg.state_dir, args.json)
     log_mod.setup(cfg.log_level)
     from agent.ops.daemon import Agent
+    from agent.ops.provision import ensure_identity
 
+    # Before the daemon: a device still to provision has no identity to open its channel with.
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_a: stop.set())
+    try:
+        if not ensure_identity(cfg, stop.wait):
+            return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     try:
         return Agent(cfg).run()
     except ConfigError as exc:
