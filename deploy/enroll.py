@@ -21,6 +21,7 @@ from deploy.ca import Pki, check_device_id
 from deploy.config import ControlPlaneConfig
 from edge_core.errors import ControlPlaneError, ErrorCode
 from edge_core.fsutil import atomic_write
+from edge_core.topics import CLAIM_PREFIX
 
 
 def agent_toml(device: str, host: str, port: int, with_key: bool) -> str:
@@ -58,6 +59,13 @@ def enroll(
     force: bool = False,
 ) -> dict[str, Any]:
     check_device_id(device)
+    if device.startswith(CLAIM_PREFIX):
+        # a claim CN has provisioning topics in the device ACL: a device named so would share them
+        raise ControlPlaneError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"device id {device!r} starts with {CLAIM_PREFIX!r}, which names claim certificates",
+            "choose another id; `edge-deploy pki claim NAME` issues claims",
+        )
     ca = Pki.of_home(cfg.home)
     ca.require()
     pub = cfg.signing_key.with_suffix(".pub")
