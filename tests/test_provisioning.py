@@ -80,8 +80,30 @@ class Plane:
         seen = len(self.log("mosquitto"))
         proc = self.spawn("mosquitto", [find_mosquitto(), "-c", str(self.home / "broker" / "mosquitto.conf")])
         marker = f"Opening ipv4 listen socket on port {self.operator_port}"
-        wait_for(lambda: marker in self.log("mosquitto")[seen:], 10, lambda: self.log("mosquitto"))
+        wait_for(
+            lambda: marker in self.log("mosquitto")[seen:] or proc.poll() is not None,
+            10,
+            lambda: self.log("mosquitto"),
+        )
+        assert proc.poll() is None, self.log("mosquitto")
         return proc
+
+    def configure_and_start_broker(self) -> None:
+        """Free ports are only free when chosen: another test may take one first, so try again."""
+        for attempt in range(3):
+            self.device_port, self.operator_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+            self.env["EDGE_DEPLOY_BROKER__PORT"] = str(self.operator_port)
+            edge(
+                "broker", "config", "--device-port", str(self.device_port), "--device-bind", "127.0.0.1",
+                *(["--run-as", "root"] if os.geteuid() == 0 else []), cwd=self.tmp, env=self.env,
+            )  # fmt: skip
+            try:
+                self.start_broker()
+                return
+            except AssertionError:
+                if attempt == 2 or "Address already in use" not in self.log("mosquitto"):
+                    raise
+                self.procs.pop()
 
     def start_provisioner(self) -> subprocess.Popen[bytes]:
         seen = self.log("provision").count('{"provisioning"')
@@ -130,18 +152,13 @@ class Plane:
 @pytest.fixture
 def plane(tmp_path: Path) -> Iterator[Plane]:
     home = tmp_path / "cp"
-    dport, oport = free_port("127.0.0.1"), free_port("127.0.0.1")
-    env = {"EDGE_DEPLOY_HOME": str(home), "EDGE_DEPLOY_BROKER__PORT": str(oport)}
-    p = Plane(tmp_path, home, env, dport, oport, [])
+    env = {"EDGE_DEPLOY_HOME": str(home)}
+    p = Plane(tmp_path, home, env, 0, 0, [])
     edge("pki", "init", "--broker-host", "localhost", cwd=tmp_path, env=env)
-    edge(
-        "broker", "config", "--device-port", str(dport), "--device-bind", "127.0.0.1",
-        *(["--run-as", "root"] if os.geteuid() == 0 else []), cwd=tmp_path, env=env,
-    )  # fmt: skip
     edge("pki", "claim", "factory", "--out", str(tmp_path / "claim-factory"), cwd=tmp_path, env=env)
     (home / "provisioning.toml").write_text(POLICY)
-    p.start_broker()
     try:
+        p.configure_and_start_broker()
         yield p
     finally:
         for proc in reversed(p.procs):
@@ -193,7 +210,7 @@ def _client(p: Plane, cert: Path, key: Path, *, port: int | None = None) -> tupl
 
 def test_claim_provisions_an_agent_that_reconnects_as_itself_and_is_revocable(plane: Plane) -> None:
     p = plane
-    p.start_provisioner()
+    prov = p.start_provisioner()
     agent = p.start_agent("sensor", p.agent_toml("sensor", "sensor-1"))
     wait_for(
         lambda: any(d["id"] == "sensor-1" and d["online"] for d in p.devices()),
@@ -213,7 +230,6 @@ def test_claim_provisions_an_agent_that_reconnects_as_itself_and_is_revocable(pl
     # Next boot: no provisioning handler running, and the agent still comes online as itself.
     agent.terminate()
     agent.wait(20)
-    prov = p.procs[-2]
     prov.terminate()
     prov.wait(20)
     before = p.log("sensor").count('"provision.requesting"')
@@ -249,7 +265,10 @@ def test_claim_provisions_an_agent_that_reconnects_as_itself_and_is_revocable(pl
 
 def test_refused_device_id_gets_no_identity_and_the_agent_retries(plane: Plane) -> None:
     p = plane
-    p.start_provisioner()
+    # `edge-deploy serve` answers provisioning requests itself when the home has a policy
+    listen = f"127.0.0.1:{free_port('127.0.0.1')}"
+    p.spawn("serve", [sys.executable, "-m", "deploy.cli", "serve", "--listen", listen, "--api-listen", ""])
+    wait_for(lambda: '"provisioning": true' in p.log("serve"), 30, lambda: p.log("serve"))
     agent = p.start_agent("rogue", p.agent_toml("rogue", "rogue-1"))
     wait_for(lambda: p.log("rogue").count('"provision.refused"') >= 2, 40, lambda: p.log("rogue"))
     assert "provisioning_refused" in p.log("rogue")

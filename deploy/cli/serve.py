@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 from deploy.cli._common import open_plane
+from deploy.provision import POLICY_FILE, ProvisioningService
 from deploy.registry import LIVE_STATES
 from deploy.registry.backend import redact
 
@@ -41,6 +42,12 @@ def run(args: argparse.Namespace) -> int:
         api_listen = cp.cfg.api.listen if args.api_listen is None else args.api_listen
         api = start_api(cp.cfg, api_listen) if api_listen else None
         driver = cp.driver()
+        # With a provisioning policy in the home, serve answers claim certificates too (deploy/provision.py);
+        # run it here or as `edge-deploy provision serve`, not both (each would answer every request).
+        provisioner = None
+        if (cp.cfg.home / POLICY_FILE).is_file():
+            provisioner = ProvisioningService(cp.cfg, cp.registry)
+            provisioner.start(cp.cfg.broker.connect_timeout)
         # One identity per host and home: a serve restarted after a crash takes its own lease back at
         # once. Replicas on one PostgreSQL registry therefore need a home (or a host) of their own.
         driver.owner = f"serve@{socket.gethostname()}:{cp.cfg.home.absolute()}"
@@ -50,10 +57,13 @@ def run(args: argparse.Namespace) -> int:
             "serving": server.url if server else None, "registry": registry, "owner": driver.owner,
             "dashboard": api.url if api else None,
             "token_file": str(cp.cfg.api.token_file) if api and api.token else None,
+            "provisioning": provisioner is not None,
         }), flush=True)  # fmt: skip
         try:
             while True:
                 cp.ingest()
+                if provisioner is not None:
+                    provisioner.step()
                 for dep in cp.registry.deployments():
                     live = dep["state"] in LIVE_STATES or dep["command"]
                     # each pass renews the leases this replica holds; one that dies stops renewing,
@@ -62,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
                         driver.step_or_wait(dep["id"])
                 time.sleep(cp.cfg.serve.poll)
         finally:
+            if provisioner is not None:
+                provisioner.stop()
             if api is not None:
                 api.stop()
             if server is not None:
