@@ -209,6 +209,16 @@ def test_register_deploy_update_and_automatic_rollbacks(env: Env, plane: Plane) 
         plane.ok("device", "tag", d, "fleet=edge", "--json")
     plane.ok("device", "tag", "dev-4", "site=lab", "--json")
 
+    # --dry-run: the plan, with nothing created, signed or published
+    before = plane.ok("deploy", "list", "--json")
+    plan = plane.ok(
+        "deploy", "create", "clf:1", "--tag-query", "fleet=edge", "--canary", "1", "--dry-run", "--json"
+    )
+    assert plan["dry_run"] is True and [len(w["devices"]) for w in plan["waves"]] == [1, 2, 1], plan
+    assert sorted(m["device"] for m in plan["manifests"]) == sorted(DEVICES)
+    assert plane.ok("deploy", "list", "--json") == before
+    assert all(env.rig.agents[d].current_image() is None for d in DEVICES)
+
     # v1 by tag, in waves of 1, 2, 1
     v1 = plane.ok("deploy", "create", "clf:1", "--tag-query", "fleet=edge", "--canary", "1", "--json")
     assert v1["state"] == "succeeded" and v1["waves"] == 3, v1
